@@ -1,0 +1,75 @@
+"""Early stop: notice when an answer's tail has turned into a refusal or junk, and end it soon.
+
+Between output tokens ``start`` and ``end``, every ``every`` tokens, the last ``window`` tokens
+are checked. A refusal phrase, three or more trailing spaces, emoji or control characters
+cap the budget at the current length + ``extra_budget``; past half of that extra budget the
+generation ends at the next sentence end.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from .config import EarlyStopConfig
+
+REFUSAL_PHRASES = (
+    "i cannot",
+    "i can't",
+    "i can not",
+    "i won't",
+    "i will not",
+    "i'm sorry",
+    "i am sorry",
+    "i apologize",
+    "i'm not able to",
+    "i am not able to",
+    "i'm unable to",
+    "i am unable to",
+    "cannot provide",
+    "can't provide",
+    "cannot assist",
+    "can't assist",
+    "can't help with",
+    "cannot help with",
+    "not able to provide",
+    "as an ai",
+    "i must decline",
+)
+
+_SENTENCE_END = re.compile(r"[.!?。\n]\s*$")
+
+
+def is_refusal_or_junk(text: str) -> bool:
+    """True when ``text`` contains a refusal phrase, ends in 3+ spaces, or holds emoji/control chars."""
+    lowered = text.lower().replace("\u2019", "'")
+    if any(phrase in lowered for phrase in REFUSAL_PHRASES):
+        return True
+    if text.endswith("   "):
+        return True
+    for ch in text:
+        category = unicodedata.category(ch)
+        if (category == "Cc" and ch not in "\n\t\r") or category == "So":
+            return True
+    return False
+
+
+class EarlyStopper:
+    """Per-generation early-stop state for one row."""
+
+    def __init__(self, config: EarlyStopConfig, max_new_tokens: int):
+        self.config = config
+        self.budget = max_new_tokens
+        self.triggered_at: int | None = None
+
+    def update(self, n_tokens: int, tail_text: str) -> bool:
+        """Called after each output token; True when the generation should end now."""
+        cfg = self.config
+        if self.triggered_at is None:
+            checkpoint = cfg.start <= n_tokens <= cfg.end and (n_tokens - cfg.start) % cfg.every == 0
+            if checkpoint and is_refusal_or_junk(tail_text):
+                self.triggered_at = n_tokens
+                self.budget = min(self.budget, n_tokens + cfg.extra_budget)
+            return False
+        past_half = n_tokens >= self.triggered_at + cfg.extra_budget // 2
+        return n_tokens >= self.budget or (past_half and _SENTENCE_END.search(tail_text) is not None)
