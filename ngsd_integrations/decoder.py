@@ -51,6 +51,8 @@ class TokenEvent:
     finish_reason: str | None = None
     """Set on a row's last event: ``stop`` (EOS, stop string or grammar end), ``length``,
     ``early_stop`` or ``cancelled``."""
+    trace: SafetyTrace | None = None
+    """The row's complete trace, on its last event only."""
 
 
 @dataclass
@@ -112,7 +114,8 @@ class GatedDecoder:
         Keyword arguments: ``constraint`` (a ``GrammarConstraint``), ``assistant_prefix`` (text
         the answer is forced to start with; not part of the output), ``alpha`` (fixed blend
         strength, skips the risk rating), ``risk_request`` (the text to rate instead of the
-        last user message), ``cancel`` (a ``threading.Event`` that ends the generation).
+        last user message), ``cancel`` (a ``threading.Event`` that ends the generation),
+        ``tools`` (function specs handed to the chat template, see ``render``).
         """
         run = self._start([prompt], options, **kwargs)
         yield from self._decode(run)
@@ -124,13 +127,25 @@ class GatedDecoder:
         run = self._start(prompts, options, **kwargs)
         yield from self._decode(run)
 
-    def render(self, prompt: Prompt, tokenizer: Any | None = None, assistant_prefix: str = "") -> str:
-        """The exact text a prompt is turned into before tokenisation."""
+    def render(
+        self,
+        prompt: Prompt,
+        tokenizer: Any | None = None,
+        assistant_prefix: str = "",
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """The exact text a prompt is turned into before tokenisation.
+
+        ``tools`` (OpenAI-style function specs) are handed to the chat template; templates
+        without tool support ignore them, so callers put tools into the system message then.
+        """
         tokenizer = tokenizer or self.tokenizer
         if isinstance(prompt, str):
             return prompt + assistant_prefix
         messages = [dict(m) for m in prompt]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+        extra = {"tools": [dict(t) for t in tools]} if tools else {}
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
+        return rendered + assistant_prefix
 
     def rate(self, request: str) -> RiskAssessment:
         """Self-instinct risk rating of a request by the base model."""
@@ -165,16 +180,18 @@ class GatedDecoder:
         alpha: float | None = None,
         risk_request: str | None = None,
         cancel: threading.Event | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> "_Run":
         options = options or GenerationOptions()
         if isinstance(prompts, (str, bytes)) or not prompts:
             raise ValueError(f"prompts={prompts!r} must be a non-empty list of prompts")
         if alpha is not None and not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha} must be between 0 and 1")
-        base_ids = [self._encode(p, self.tokenizer, assistant_prefix, options, row) for row, p in enumerate(prompts)]
+        encode = lambda tok: [self._encode(p, tok, assistant_prefix, tools, options, row) for row, p in enumerate(prompts)]  # noqa: E731
+        base_ids = encode(self.tokenizer)
         expert_tok = self.pair.expert_tokenizer
         if self.pair.expert is not None and expert_tok is not None and expert_tok is not self.tokenizer:
-            expert_ids = [self._encode(p, expert_tok, assistant_prefix, options, row) for row, p in enumerate(prompts)]
+            expert_ids = encode(expert_tok)  # the expert may render the prompt with its own template
         else:
             expert_ids = base_ids
         started = time.perf_counter()
@@ -192,11 +209,11 @@ class GatedDecoder:
         return _Run(self, base_ids, expert_ids, options, alphas, assessments, risk_seconds, constraint, cancel)
 
     def _encode(
-        self, prompt: Prompt, tokenizer: Any, prefix: str, options: GenerationOptions, row: int
+        self, prompt: Prompt, tokenizer: Any, prefix: str, tools: Any, options: GenerationOptions, row: int
     ) -> list[int]:
         if _is_empty(prompt):
             raise ValueError(f"prompt {row} is empty: {prompt!r}")
-        text = self.render(prompt, tokenizer, prefix)
+        text = self.render(prompt, tokenizer, prefix, tools)
         ids = tokenizer.encode(text, add_special_tokens=isinstance(prompt, str))
         limit = self.config.max_prompt_tokens or (self.context_window - options.max_new_tokens)
         if self.context_window and len(ids) > limit:
@@ -448,6 +465,7 @@ class _Run:
                 spike=bool(s),
                 alpha=float(self.alpha[i]),
                 finish_reason=row.finish_reason,
+                trace=row.trace if row.finish_reason is not None else None,
             )
 
     def results(self) -> list[Generation]:
