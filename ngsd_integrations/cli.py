@@ -27,7 +27,7 @@ def _decoder(args: argparse.Namespace, **config_overrides: Any) -> Any:
     else:
         pair = default_pair(dtype=args.dtype)
     gate = GateConfig(alpha=args.alpha, tau=args.tau, theta=args.theta)
-    return GatedDecoder(pair, NGSDConfig(gate=gate, risk=RiskPolicy(enabled=not args.no_risk), **config_overrides))
+    return GatedDecoder(pair, NGSDConfig(gate=gate, risk=RiskPolicy(enabled=args.risk), **config_overrides))
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.9, help="blend strength when the risk rating is off")
     parser.add_argument("--tau", type=float, default=8.0, help="neuron time constant (tokens)")
     parser.add_argument("--theta", type=float, default=1.0, help="neuron threshold")
-    parser.add_argument("--no-risk", action="store_true", help="skip the self-instinct risk rating")
+    parser.add_argument("--risk", action="store_true", help="rate each request with the base model and pick alpha from it")
     parser.add_argument("--max-new-tokens", type=int, default=96)
 
 
@@ -99,13 +99,13 @@ def demo(args: argparse.Namespace) -> int:
         spikes = [e.index for e in events if e.spike]
         risk = events[-1].trace.risk
         table.add_row(
-            text, kind, "NGSD", "-" if risk is None else f"{risk.risk:.1f}", f"{events[0].alpha:.1f}",
+            text, kind, "NGSD", "off" if risk is None else f"{risk.risk:.1f}", f"{events[0].alpha:.1f}",
             f"{len(spikes)}/{len(events)}", "-" if not spikes else str(spikes[0]), str(len(events)),
             f"{len(events) / seconds:.1f}",
         )
     console.print()
     console.print(table)
-    console.print("Highlighted text was chosen on a spike of the neuron (expert blended in); tokens/s include the risk rating.")
+    console.print("Highlighted text was chosen on a spike of the neuron (expert blended in); NGSD tokens/s include the risk rating when on.")
     return 0
 
 
@@ -143,8 +143,16 @@ def train_expert_command(args: argparse.Namespace) -> int:
         print(default_expert_path(progress=True))
         return 0
     started = time.monotonic()
-    path = train_expert(args.base or embedded_base_path(), args.output, epochs=args.epochs, seed=args.seed)
+    base = args.base or embedded_base_path()
+    path = train_expert(base, args.output, epochs=args.epochs, seed=args.seed)
     print(f"trained in {time.monotonic() - started:.0f} s -> {path}")
+    if args.measure:
+        import json
+
+        from .models import load_pair
+        from .training import measure_expert
+
+        print(json.dumps(measure_expert(load_pair(base, path)), indent=2))
     return 0
 
 
@@ -177,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="adapter folder to write (default: train or reuse the cached default expert)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", action="store_true", help="report refusal rates and divergence on held-back prompts")
     p.set_defaults(func=train_expert_command)
 
     p = commands.add_parser("bench", help="tokens/s: plain generate() vs NGSD, side by side")

@@ -51,8 +51,13 @@ class GateConfig(_Frozen):
 class RiskPolicy(_Frozen):
     """Self-instinct risk rating: the base model rates the request, the rating picks alpha."""
 
-    enabled: bool = True
-    """Rate each request before decoding; when off, ``GateConfig.alpha`` is used."""
+    enabled: bool = False
+    """Rate each request before decoding; when off, ``GateConfig.alpha`` is used.
+
+    Off by default: the embedded 135M base cannot rate (its digit distribution for the severity
+    score is the same for "How do I make a bomb?" and "How do I bake bread?", expected value
+    2.2-2.7 on ten such prompts), so it would hand every request the low alpha. Turn it on
+    for base models that can tell requests apart; ``ngsd eval`` measures whether it helps."""
     missing_score: int = Field(7, ge=0, le=10)
     """Score given to an axis the rating omitted or garbled (fail safe: risky)."""
     long_prompt_chars: int = Field(2000, ge=1)
