@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Generator, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -108,8 +108,13 @@ class GatedDecoder:
             pass
         return run.results()
 
-    def stream(self, prompt: Prompt, options: GenerationOptions | None = None, **kwargs: Any) -> Iterator[TokenEvent]:
-        """Yield one ``TokenEvent`` per generated token; joined ``text`` equals ``generate().text``.
+    def stream(
+        self, prompt: Prompt, options: GenerationOptions | None = None, **kwargs: Any
+    ) -> Generator[TokenEvent, None, Generation]:
+        """Yield one ``TokenEvent`` per generated token and return the finished ``Generation``.
+
+        Joined ``text`` equals ``generate().text``; ``result = yield from decoder.stream(...)``
+        gets the generation (with its trace) at the end of a stream.
 
         Keyword arguments: ``constraint`` (a ``GrammarConstraint``), ``assistant_prefix`` (text
         the answer is forced to start with; not part of the output), ``alpha`` (fixed blend
@@ -119,6 +124,7 @@ class GatedDecoder:
         """
         run = self._start([prompt], options, **kwargs)
         yield from self._decode(run)
+        return run.results()[0]
 
     def stream_batch(
         self, prompts: Sequence[Prompt], options: GenerationOptions | None = None, **kwargs: Any

@@ -209,3 +209,21 @@ def test_assistant_prefix_is_forced_but_not_returned(tiny_adapter_pair):
     with tiny_adapter_pair.base.disable_adapter():
         expected = tiny_adapter_pair.base.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:].tolist()
     assert result.token_ids == expected
+
+
+def test_stream_returns_the_generation(tiny_adapter_pair):
+    decoder = decoder_for(tiny_adapter_pair, "lif")
+    options = GenerationOptions(max_new_tokens=9)
+
+    def consume():
+        return (yield from decoder.stream(PROMPTS[0], options))
+
+    events = []
+    gen = consume()
+    try:
+        while True:
+            events.append(next(gen))
+    except StopIteration as stop:
+        result = stop.value
+    assert result.token_ids == [e.token_id for e in events]
+    assert events[-1].trace is result.trace and all(e.trace is None for e in events[:-1])
