@@ -1,0 +1,264 @@
+"""What ChatNGSD and NGSDLLM share: the decoder registry, requests, the async bridge, messages.
+
+Weights load lazily, on the first generation, and once per process for a given
+(base, expert, dtype, device) through ``ngsd_integrations.registry`` (shared with the LlamaIndex
+adapter): ten model objects over the same models share one decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+
+from ..config import GenerationOptions, NGSDConfig
+from ..decoder import GatedDecoder, Generation, TokenEvent
+from ..early_stop import REFUSAL_PHRASES
+from ..models import EMBEDDED_BASE_NAME
+from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+
+PROVIDER = "ngsd"
+"""``ls_provider`` and ``response_metadata["model_provider"]`` of every message we produce."""
+
+# ---------------------------------------------------------------- decoder registry
+_decoders: dict[tuple, GatedDecoder] = {}
+_decoders_lock = threading.Lock()
+
+
+def _load_pair(model: str, expert: str | None, dtype: str, device: str) -> Any:
+    # The process-wide pair registry is shared with the LlamaIndex adapter: one copy of the weights.
+    from .. import registry
+
+    base = None if model == EMBEDDED_BASE_NAME else model
+    return registry.get_pair(base, expert, dtype=dtype, device=device)
+
+
+def shared_decoder(model: str, expert: str | None, config: NGSDConfig, dtype: str, device: str) -> GatedDecoder:
+    """The process-wide decoder for these models and this configuration (loaded on first use).
+
+    Decoders are cached too, not only pairs: a decoder keeps the risk rater's prefilled
+    instructions, which would otherwise be recomputed for every new model object.
+    """
+    pair = _load_pair(model, expert, dtype, device)
+    key = (id(pair), config.model_dump_json())
+    with _decoders_lock:
+        entry = _decoders.get(key)
+        if entry is None or entry.pair is not pair:
+            entry = _decoders[key] = GatedDecoder(pair, config)
+        return entry
+
+
+# ---------------------------------------------------------------- one request
+@dataclass
+class Request:
+    """Everything one generation needs, resolved from fields and per-call keyword arguments."""
+
+    prompt: Any
+    options: GenerationOptions
+    decode_kwargs: dict[str, Any] = field(default_factory=dict)
+    parse_tools: bool = False
+    timeout: float | None = None
+
+
+def stream_generation(decoder: GatedDecoder, request: Request, cancel: threading.Event) -> Iterator[TokenEvent]:
+    """Stream one generation's events; the generator's return value is the finished ``Generation``.
+
+    ``GatedDecoder.stream`` yields events only, and the trace (risk scores, prompt tokens) is
+    needed for the response metadata, so the run is driven here the way ``stream`` drives it.
+    """
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        cancel.set()
+
+    timer = threading.Timer(request.timeout, expire) if request.timeout else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        result: Generation = yield from decoder.stream(
+            request.prompt, request.options, cancel=cancel, **request.decode_kwargs
+        )
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if result.finish_reason == "cancelled" and timed_out.is_set():
+        raise TimeoutError(f"generation exceeded timeout={request.timeout} s")
+    return result
+
+
+_DONE = object()
+
+
+async def astream_generation(
+    decoder: GatedDecoder, request: Request, cancel: threading.Event | None = None
+) -> AsyncIterator[TokenEvent | Generation]:
+    """Async twin of :func:`stream_generation`: yields events, then the ``Generation``.
+
+    The decoder runs in a worker thread and hands events over through a queue, so the event
+    loop never blocks; closing or cancelling this iterator sets ``cancel``, which ends the
+    generation within one token.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = cancel or threading.Event()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop closed under us; the consumer is gone
+            cancel.set()
+
+    def work() -> None:
+        events = stream_generation(decoder, request, cancel)
+        try:
+            while True:
+                put(next(events))
+        except StopIteration as stop:
+            put(stop.value)
+            put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
+            put(error)
+            put(_DONE)
+
+    worker = threading.Thread(target=work, name="ngsd-generation", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancel.set()  # no-op when finished; stops the worker within one token when abandoned
+
+
+# ---------------------------------------------------------------- results
+def looks_refused(generation: Generation) -> bool:
+    """A refusal the gate produced: the expert was blended in and the answer opens as a refusal."""
+    if generation.finish_reason == "early_stop":
+        return True
+    if not generation.trace.spike_count:
+        return False
+    opening = generation.text[:300].lower().replace("\u2019", "'")
+    return any(phrase in opening for phrase in REFUSAL_PHRASES)
+
+
+def generation_metadata(generation: Generation, model_name: str) -> dict[str, Any]:
+    """``response_metadata`` of one answer: model, finish reason, safety trace summary."""
+    summary = generation.trace.summary()
+    return {
+        "model_name": model_name,
+        "model_provider": PROVIDER,
+        "finish_reason": generation.finish_reason,
+        "safety": summary,
+        "refused": looks_refused(generation),
+    }
+
+
+def usage_metadata(generation: Generation) -> dict[str, int]:
+    usage = generation.usage
+    return {
+        "input_tokens": usage["prompt_tokens"],
+        "output_tokens": usage["completion_tokens"],
+        "total_tokens": usage["total_tokens"],
+    }
+
+
+class ToolCallSplitter:
+    """Splits streamed text into prose and complete tool calls as the deltas arrive.
+
+    Text that may be the start of ``<tool_call>`` is held back until it is decided; a call is
+    released as soon as its ``</tool_call>`` arrives. Whitespace between calls is dropped, as
+    :func:`parse_tool_calls` drops it from a whole answer.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = ""
+        self.pending_space = ""
+        self.calls = 0
+
+    def feed(self, delta: str, final: bool = False) -> list[str | ToolCall]:
+        self.buffer += delta
+        out: list[str | ToolCall] = []
+        while self.buffer:
+            start = self.buffer.find(TOOL_CALL_OPEN)
+            if start < 0:
+                keep = 0 if final else _partial_suffix(self.buffer, TOOL_CALL_OPEN)
+                self._text(self.buffer[: len(self.buffer) - keep], out)
+                self.buffer = self.buffer[len(self.buffer) - keep :]
+                break
+            if start > 0:
+                self._text(self.buffer[:start], out)
+                self.buffer = self.buffer[start:]
+            end = self.buffer.find(TOOL_CALL_CLOSE)
+            if end < 0:
+                if final:
+                    self.buffer = ""  # cut off by the token budget: never a valid call
+                break
+            block, self.buffer = self.buffer[: end + len(TOOL_CALL_CLOSE)], self.buffer[end + len(TOOL_CALL_CLOSE) :]
+            _, calls = parse_tool_calls(block)
+            if calls:
+                self.pending_space = ""
+                self.calls += 1
+                out.extend(calls)
+            else:
+                self._text(block, out)
+        if final and self.pending_space and not self.calls:
+            out.append(self.pending_space)
+            self.pending_space = ""
+        return out
+
+    def _text(self, text: str, out: list[str | ToolCall]) -> None:
+        if not text:
+            return
+        if not text.strip():
+            self.pending_space += text
+            return
+        if self.calls and not out and not self.pending_space:
+            text = text.lstrip()
+        out.append(self.pending_space + text if not self.calls else text)
+        self.pending_space = ""
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return k
+    return 0
+
+
+# ---------------------------------------------------------------- tool choice
+def normalize_tool_choice(tool_choice: Any, tool_names: Sequence[str]) -> str:
+    """LangChain / OpenAI / Anthropic tool_choice forms -> ``auto`` | ``required`` | ``none`` | a name."""
+    if tool_choice is None or tool_choice == "auto":
+        return "auto" if tool_names else "none"
+    if tool_choice is True or tool_choice in ("any", "required"):
+        return "required"
+    if tool_choice is False or tool_choice == "none":
+        return "none"
+    if isinstance(tool_choice, Mapping):
+        kind = tool_choice.get("type")
+        if kind in ("any", "required"):
+            return "required"
+        if kind in ("auto", "none"):
+            return kind
+        name = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name")
+        if name:
+            tool_choice = name
+    if isinstance(tool_choice, str) and tool_choice in tool_names:
+        return tool_choice
+    raise ValueError(f"tool_choice={tool_choice!r} is not auto, any, required, none or one of {list(tool_names)}")
+
+
+def schema_instruction(schema: Mapping[str, Any]) -> str:
+    """System-prompt text asking for JSON that matches ``schema`` (the grammar enforces it)."""
+    return (
+        "Answer only with a JSON object that matches this JSON schema, filling every field with "
+        f"real content:\n{json.dumps(dict(schema), ensure_ascii=False)}"
+    )

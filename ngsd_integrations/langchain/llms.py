@@ -1,0 +1,236 @@
+"""NGSDLLM: a LangChain text-completion model that generates through the gated decoder."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, AsyncIterator, Iterator, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseLLM
+from langchain_core.language_models.llms import LangSmithParams
+from langchain_core.outputs import Generation as LCGeneration
+from langchain_core.outputs import GenerationChunk, LLMResult
+from pydantic import ConfigDict, Field, model_validator
+
+from ..config import GenerationOptions, NGSDConfig
+from ..decoder import GatedDecoder, Generation
+from ..models import EMBEDDED_BASE_NAME
+from ._shared import PROVIDER, Request, astream_generation, generation_metadata, shared_decoder, stream_generation
+
+__all__ = ["NGSDLLM"]
+
+
+class NGSDLLM(BaseLLM):
+    """Text-in, text-out LangChain model guarded token by token by NGSD.
+
+    Shares its decoder (and weights) with every ``ChatNGSD`` / ``NGSDLLM`` over the same models.
+    By default a prompt is sent as one user turn through the chat template (the models are chat
+    models); set ``use_chat_template=False`` to feed the prompt verbatim.
+
+    .. code-block:: python
+
+        from ngsd_integrations.langchain import NGSDLLM
+
+        llm = NGSDLLM(max_tokens=64)
+        llm.invoke("Write a haiku about bread.")
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default=EMBEDDED_BASE_NAME, alias="model_name")
+    """Base model: hub id, local folder or ``.gguf`` path (default: the embedded SmolLM2-135M-Instruct)."""
+    expert: str | None = None
+    """Safety expert: peft LoRA folder of the base or a same-vocabulary model (default: the embedded expert)."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy decoding."""
+    max_tokens: int | None = Field(default=256, ge=1)
+    """Most new tokens per answer (None: 256)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds a call may take; past it the generation is cancelled and ``TimeoutError`` raised."""
+    stop: list[str] | None = None
+    """Stop strings, matched on the decoded text (they may span token boundaries)."""
+    max_retries: int = Field(default=2, ge=0)
+    """Accepted for drop-in compatibility; a local model has no transient failures to retry."""
+    streaming: bool = False
+    """Route ``invoke`` through the streaming path (per-token callbacks)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (only with temperature > 0)."""
+    top_k: int = Field(default=0, ge=0)
+    """Top-k sampling filter, 0 = off (only with temperature > 0)."""
+    seed: int | None = None
+    """Sampling seed for reproducible sampled answers."""
+    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Fixed blend strength on a spike; None: set per request by the risk rating."""
+    ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
+    """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
+    use_chat_template: bool = True
+    """Send the prompt as a user message through the chat template (False: verbatim text)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype when loading models."""
+    device: str = "cpu"
+    """Torch device when loading models."""
+    decoder: Any = Field(default=None, exclude=True)
+    """An existing ``GatedDecoder`` to use instead of loading ``model`` / ``expert``."""
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> "NGSDLLM":
+        if self.decoder is not None and not isinstance(self.decoder, GatedDecoder):
+            raise ValueError(f"decoder={self.decoder!r} must be a GatedDecoder")
+        return self
+
+    @classmethod
+    def from_model_id(cls, base: str, expert: str | None = None, **kwargs: Any) -> "NGSDLLM":
+        """A model over ``base`` guarded by ``expert`` (loaded lazily, shared across instances)."""
+        return cls(model=str(base), expert=None if expert is None else str(expert), **kwargs)
+
+    @classmethod
+    def from_decoder(cls, decoder: GatedDecoder, **kwargs: Any) -> "NGSDLLM":
+        """A model over an existing decoder."""
+        kwargs.setdefault("model", decoder.pair.base_id or EMBEDDED_BASE_NAME)
+        kwargs.setdefault("expert", decoder.pair.expert_id or None)
+        return cls(decoder=decoder, **kwargs)
+
+    def get_decoder(self) -> GatedDecoder:
+        """The decoder this model generates with (loading the weights on first use)."""
+        if self.decoder is not None:
+            return self.decoder
+        return shared_decoder(self.model, self.expert, self.ngsd_config, self.dtype, self.device)
+
+    @property
+    def _llm_type(self) -> str:
+        return "ngsd-llm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "expert": self.expert,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "alpha": self.alpha,
+            "use_chat_template": self.use_chat_template,
+            "ngsd_config": self.ngsd_config.model_dump(),
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params["ls_provider"] = PROVIDER
+        params["ls_model_name"] = self.model
+        params["ls_model_type"] = "llm"
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
+            params["ls_max_tokens"] = max_tokens
+        if ls_stop := stop or self.stop:
+            params["ls_stop"] = list(ls_stop)
+        return params
+
+    def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Request:
+        kwargs = dict(kwargs)
+        options = GenerationOptions(
+            max_new_tokens=kwargs.pop("max_tokens", self.max_tokens) or 256,
+            temperature=kwargs.pop("temperature", self.temperature),
+            top_p=kwargs.pop("top_p", self.top_p),
+            top_k=kwargs.pop("top_k", self.top_k),
+            seed=kwargs.pop("seed", self.seed),
+            stop=tuple(stop if stop is not None else self.stop or ()),
+        )
+        decode_kwargs: dict[str, Any] = {}
+        alpha = kwargs.pop("alpha", self.alpha)
+        if alpha is not None:
+            decode_kwargs["alpha"] = alpha
+        timeout = kwargs.pop("timeout", self.timeout)
+        if kwargs:
+            raise ValueError(f"unsupported keyword arguments for NGSDLLM: {sorted(kwargs)}")
+        text = [{"role": "user", "content": prompt}] if self.use_chat_template else prompt
+        return Request(text, options, decode_kwargs, timeout=timeout)
+
+    def _info(self, generation: Generation) -> dict[str, Any]:
+        info = generation_metadata(generation, self.model)
+        info["usage"] = generation.usage
+        return info
+
+    def _generate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            if self.streaming:
+                text, info = "", {}
+                for chunk in self._stream(prompt, stop, run_manager, **kwargs):
+                    text += chunk.text
+                    info = chunk.generation_info or info
+                generations.append([LCGeneration(text=text, generation_info=info)])
+                continue
+            events = stream_generation(self.get_decoder(), self._request(prompt, stop, kwargs), threading.Event())
+            generation = _drain(events)
+            generations.append([LCGeneration(text=generation.text, generation_info=self._info(generation))])
+        return LLMResult(generations=generations, llm_output={"model_name": self.model})
+
+    async def _agenerate(
+        self,
+        prompts: list[str],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            text, info = "", {}
+            async for chunk in self._astream(prompt, stop, run_manager, **kwargs):
+                text += chunk.text
+                info = chunk.generation_info or info
+            generations.append([LCGeneration(text=text, generation_info=info)])
+        return LLMResult(generations=generations, llm_output={"model_name": self.model})
+
+    def _stream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[GenerationChunk]:
+        cancel = threading.Event()
+        events = stream_generation(self.get_decoder(), self._request(prompt, stop, kwargs), cancel)
+        try:
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as done:
+                    yield GenerationChunk(text="", generation_info=self._info(done.value))
+                    return
+                if event.text:
+                    chunk = GenerationChunk(text=event.text)
+                    if run_manager:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        finally:
+            cancel.set()
+
+    async def _astream(
+        self,
+        prompt: str,
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerationChunk]:
+        request = self._request(prompt, stop, kwargs)
+        async for item in astream_generation(self.get_decoder(), request):
+            if isinstance(item, Generation):
+                yield GenerationChunk(text="", generation_info=self._info(item))
+            elif item.text:
+                chunk = GenerationChunk(text=item.text)
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+
+def _drain(events: Iterator[Any]) -> Generation:
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            return done.value
