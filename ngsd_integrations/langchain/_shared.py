@@ -22,32 +22,17 @@ from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
 PROVIDER = "ngsd"
 """``ls_provider`` and ``response_metadata["model_provider"]`` of every message we produce."""
 
-# ---------------------------------------------------------------- decoder registry
-_decoders: dict[tuple, GatedDecoder] = {}
-_decoders_lock = threading.Lock()
-
-
-def _load_pair(model: str, expert: str | None, dtype: str, device: str) -> Any:
-    # The process-wide pair registry is shared with the LlamaIndex adapter: one copy of the weights.
-    from .. import registry
-
-    base = None if model == EMBEDDED_BASE_NAME else model
-    return registry.get_pair(base, expert, dtype=dtype, device=device)
-
-
+# ---------------------------------------------------------------- shared weights
 def shared_decoder(model: str, expert: str | None, config: NGSDConfig, dtype: str, device: str) -> GatedDecoder:
     """The process-wide decoder for these models and this configuration (loaded on first use).
 
-    Decoders are cached too, not only pairs: a decoder keeps the risk rater's prefilled
-    instructions, which would otherwise be recomputed for every new model object.
+    Goes through ``ngsd_integrations.registry``, shared with the LlamaIndex adapter: one copy
+    of the weights per process, one decoder (and risk-rater prefix) per configuration.
     """
-    pair = _load_pair(model, expert, dtype, device)
-    key = (id(pair), config.model_dump_json())
-    with _decoders_lock:
-        entry = _decoders.get(key)
-        if entry is None or entry.pair is not pair:
-            entry = _decoders[key] = GatedDecoder(pair, config)
-        return entry
+    from .. import registry
+
+    base = None if model == EMBEDDED_BASE_NAME else model
+    return registry.get_decoder(base, expert, dtype=dtype, device=device, config=config)
 
 
 # ---------------------------------------------------------------- one request

@@ -117,7 +117,8 @@ class ChatNGSD(BaseChatModel):
     seed: int | None = None
     """Sampling seed for reproducible sampled answers."""
     alpha: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Fixed blend strength on a spike (0 = base only, 1 = expert only); None: set per request by the risk rating."""
+    """Fixed blend strength on a spike (0 = base only, 1 = expert only); None: ``ngsd_config``'s
+    (the risk rating's choice when it is enabled, else ``GateConfig.alpha`` = 0.9)."""
     ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
     """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"

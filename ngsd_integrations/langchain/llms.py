@@ -60,7 +60,7 @@ class NGSDLLM(BaseLLM):
     seed: int | None = None
     """Sampling seed for reproducible sampled answers."""
     alpha: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Fixed blend strength on a spike; None: set per request by the risk rating."""
+    """Fixed blend strength on a spike; None: ``ngsd_config``'s (the risk rating's choice when enabled, else 0.9)."""
     ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
     """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
     use_chat_template: bool = True

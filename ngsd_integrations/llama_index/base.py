@@ -101,7 +101,7 @@ class NGSD(FunctionCallingLLM):
     top_k: int = Field(default=0, ge=0, description="Top-k sampling filter; 0 disables it.")
     seed: Optional[int] = Field(default=None, description="Sampling seed; None draws one per call.")
     stop: Optional[list[str]] = Field(default=None, description="Default stop strings (matched on text, across token boundaries).")
-    alpha: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Fixed blend strength; None lets the self-instinct risk rating choose it per request.")
+    alpha: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Fixed blend strength; None uses ngsd_config (the risk rating's choice when enabled, else GateConfig.alpha = 0.9).")
     context_window: Optional[int] = Field(default=None, gt=0, description="Override of the context window read from the model config.")
     ngsd_config: Optional[NGSDConfig] = Field(default=None, description="Neuron, risk-rating and early-stop settings of the decoder.")
 

@@ -72,7 +72,7 @@ def test_construction_is_lazy_and_instances_share_one_decoder(monkeypatch, tiny_
 
     monkeypatch.setattr(registry, "get_pair", lambda base, expert, dtype, device: fake_load(base, expert, dtype, device))
     monkeypatch.setattr(registry, "_pairs", {})
-    monkeypatch.setattr(_shared, "_decoders", {})
+    monkeypatch.setattr(registry, "_decoders", {})
     started = time.perf_counter()
     models = [ChatNGSD.from_model_id("base-x", "expert-y", max_tokens=4) for _ in range(10)]
     llm = NGSDLLM.from_model_id("base-x", "expert-y")
