@@ -11,7 +11,10 @@ import asyncio
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Iterator, Literal, Mapping, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing_extensions import Self
 
 from ..config import GenerationOptions, NGSDConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
@@ -33,6 +36,70 @@ def shared_decoder(model: str, expert: str | None, config: NGSDConfig, dtype: st
 
     base = None if model == EMBEDDED_BASE_NAME else model
     return registry.get_decoder(base, expert, dtype=dtype, device=device, config=config)
+
+
+class NGSDFields(BaseModel):
+    """The fields, validation and constructors ``ChatNGSD`` and ``NGSDLLM`` have in common."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default=EMBEDDED_BASE_NAME, alias="model_name")
+    """Base model: hub id, local folder or ``.gguf`` path (default: the embedded SmolLM2-135M-Instruct)."""
+    expert: str | None = None
+    """Safety expert: peft LoRA folder of the base or a same-vocabulary model (default: the embedded expert)."""
+    temperature: float = Field(default=0.0, ge=0.0)
+    """Sampling temperature; 0 is greedy decoding."""
+    max_tokens: int | None = Field(default=256, ge=1)
+    """Most new tokens per answer (None: 256)."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds a call may take; past it the generation is cancelled and ``TimeoutError`` raised."""
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    """Stop strings, matched on the decoded text (they may span token boundaries)."""
+    max_retries: int = Field(default=2, ge=0)
+    """Accepted for drop-in compatibility; a local model has no transient failures to retry."""
+    streaming: bool = False
+    """Route ``invoke`` through the streaming path (per-token callbacks)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (only with temperature > 0)."""
+    top_k: int = Field(default=0, ge=0)
+    """Top-k sampling filter, 0 = off (only with temperature > 0)."""
+    seed: int | None = None
+    """Sampling seed for reproducible sampled answers."""
+    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Fixed blend strength on a spike (0 = base only, 1 = expert only); None: ``ngsd_config``'s
+    (the risk rating's choice when it is enabled, else ``GateConfig.alpha`` = 0.9)."""
+    ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
+    """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Weights dtype when loading models."""
+    device: str = "cpu"
+    """Torch device when loading models."""
+    decoder: Any = Field(default=None, exclude=True)
+    """An existing ``GatedDecoder`` to use instead of loading ``model`` / ``expert``."""
+
+    @model_validator(mode="after")
+    def _check_decoder(self) -> Self:
+        if self.decoder is not None and not isinstance(self.decoder, GatedDecoder):
+            raise ValueError(f"decoder={self.decoder!r} must be a GatedDecoder")
+        return self
+
+    @classmethod
+    def from_model_id(cls, base: str, expert: str | None = None, **kwargs: Any) -> Self:
+        """A model over ``base`` guarded by ``expert`` (loaded lazily, shared across instances)."""
+        return cls(model=str(base), expert=None if expert is None else str(expert), **kwargs)
+
+    @classmethod
+    def from_decoder(cls, decoder: GatedDecoder, **kwargs: Any) -> Self:
+        """A model over an existing decoder (its weights, configuration and lock)."""
+        kwargs.setdefault("model", decoder.pair.base_id or EMBEDDED_BASE_NAME)
+        kwargs.setdefault("expert", decoder.pair.expert_id or None)
+        return cls(decoder=decoder, **kwargs)
+
+    def get_decoder(self, model: str | None = None) -> GatedDecoder:
+        """The decoder this model generates with (loading the weights on first use)."""
+        if self.decoder is not None and (model is None or model == self.model):
+            return self.decoder
+        return shared_decoder(model or self.model, self.expert, self.ngsd_config, self.dtype, self.device)
 
 
 # ---------------------------------------------------------------- one request

@@ -27,11 +27,9 @@ from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
-from pydantic import ConfigDict, Field, model_validator
 
-from ..config import GenerationOptions, NGSDConfig
+from ..config import GenerationOptions
 from ..decoder import GatedDecoder, Generation
-from ..models import EMBEDDED_BASE_NAME
 from ..tools import (
     ToolCall,
     ToolSpec,
@@ -42,13 +40,13 @@ from ..tools import (
 )
 from ._shared import (
     PROVIDER,
+    NGSDFields,
     Request,
     ToolCallSplitter,
     astream_generation,
     generation_metadata,
     normalize_tool_choice,
     schema_instruction,
-    shared_decoder,
     stream_generation,
     usage_metadata,
 )
@@ -56,7 +54,7 @@ from ._shared import (
 __all__ = ["ChatNGSD"]
 
 
-class ChatNGSD(BaseChatModel):
+class ChatNGSD(NGSDFields, BaseChatModel):
     """Chat model whose every token is guarded by neuron-gated safe decoding (NGSD).
 
     A base model and a small safety expert decode side by side; one leaky integrate-and-fire
@@ -91,67 +89,6 @@ class ChatNGSD(BaseChatModel):
         spike rate); a refusal the gate produced adds a ``refusal`` content block to
         ``content_blocks`` while ``content`` keeps the plain text.
     """
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
-
-    model: str = Field(default=EMBEDDED_BASE_NAME, alias="model_name")
-    """Base model: hub id, local folder or ``.gguf`` path (default: the embedded SmolLM2-135M-Instruct)."""
-    expert: str | None = None
-    """Safety expert: peft LoRA folder of the base or a same-vocabulary model (default: the embedded expert)."""
-    temperature: float = Field(default=0.0, ge=0.0)
-    """Sampling temperature; 0 is greedy decoding."""
-    max_tokens: int | None = Field(default=256, ge=1)
-    """Most new tokens per answer (None: 256)."""
-    timeout: float | None = Field(default=None, gt=0)
-    """Seconds a call may take; past it the generation is cancelled and ``TimeoutError`` raised."""
-    stop: list[str] | None = Field(default=None, alias="stop_sequences")
-    """Stop strings, matched on the decoded text (they may span token boundaries)."""
-    max_retries: int = Field(default=2, ge=0)
-    """Accepted for drop-in compatibility; a local model has no transient failures to retry."""
-    streaming: bool = False
-    """Route ``invoke`` through the streaming path (per-token callbacks)."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass (only with temperature > 0)."""
-    top_k: int = Field(default=0, ge=0)
-    """Top-k sampling filter, 0 = off (only with temperature > 0)."""
-    seed: int | None = None
-    """Sampling seed for reproducible sampled answers."""
-    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Fixed blend strength on a spike (0 = base only, 1 = expert only); None: ``ngsd_config``'s
-    (the risk rating's choice when it is enabled, else ``GateConfig.alpha`` = 0.9)."""
-    ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
-    """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights dtype when loading models."""
-    device: str = "cpu"
-    """Torch device when loading models."""
-    decoder: Any = Field(default=None, exclude=True)
-    """An existing ``GatedDecoder`` to use instead of loading ``model`` / ``expert``."""
-
-    @model_validator(mode="after")
-    def _check_decoder(self) -> "ChatNGSD":
-        if self.decoder is not None and not isinstance(self.decoder, GatedDecoder):
-            raise ValueError(f"decoder={self.decoder!r} must be a GatedDecoder")
-        return self
-
-    # ---------------------------------------------------------------- constructors
-    @classmethod
-    def from_model_id(cls, base: str, expert: str | None = None, **kwargs: Any) -> "ChatNGSD":
-        """A model over ``base`` guarded by ``expert`` (loaded lazily, shared across instances)."""
-        return cls(model=str(base), expert=None if expert is None else str(expert), **kwargs)
-
-    @classmethod
-    def from_decoder(cls, decoder: GatedDecoder, **kwargs: Any) -> "ChatNGSD":
-        """A model over an existing decoder (its weights, configuration and lock)."""
-        kwargs.setdefault("model", decoder.pair.base_id or EMBEDDED_BASE_NAME)
-        kwargs.setdefault("expert", decoder.pair.expert_id or None)
-        return cls(decoder=decoder, **kwargs)
-
-    def get_decoder(self, model: str | None = None) -> GatedDecoder:
-        """The decoder this model generates with (loading the weights on first use)."""
-        if self.decoder is not None and (model is None or model == self.model):
-            return self.decoder
-        return shared_decoder(model or self.model, self.expert, self.ngsd_config, self.dtype, self.device)
 
     # ---------------------------------------------------------------- LangChain identity
     @property

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, AsyncIterator, Iterator, Literal
+from typing import Any, AsyncIterator, Iterator
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.llms import LangSmithParams
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
-from pydantic import ConfigDict, Field, model_validator
 
-from ..config import GenerationOptions, NGSDConfig
-from ..decoder import GatedDecoder, Generation
-from ..models import EMBEDDED_BASE_NAME
-from ._shared import PROVIDER, Request, astream_generation, generation_metadata, shared_decoder, stream_generation
+from ..config import GenerationOptions
+from ..decoder import Generation
+from ._shared import PROVIDER, NGSDFields, Request, astream_generation, generation_metadata, stream_generation
 
 __all__ = ["NGSDLLM"]
 
 
-class NGSDLLM(BaseLLM):
+class NGSDLLM(NGSDFields, BaseLLM):
     """Text-in, text-out LangChain model guarded token by token by NGSD.
 
     Shares its decoder (and weights) with every ``ChatNGSD`` / ``NGSDLLM`` over the same models.
@@ -35,66 +33,8 @@ class NGSDLLM(BaseLLM):
         llm.invoke("Write a haiku about bread.")
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
-
-    model: str = Field(default=EMBEDDED_BASE_NAME, alias="model_name")
-    """Base model: hub id, local folder or ``.gguf`` path (default: the embedded SmolLM2-135M-Instruct)."""
-    expert: str | None = None
-    """Safety expert: peft LoRA folder of the base or a same-vocabulary model (default: the embedded expert)."""
-    temperature: float = Field(default=0.0, ge=0.0)
-    """Sampling temperature; 0 is greedy decoding."""
-    max_tokens: int | None = Field(default=256, ge=1)
-    """Most new tokens per answer (None: 256)."""
-    timeout: float | None = Field(default=None, gt=0)
-    """Seconds a call may take; past it the generation is cancelled and ``TimeoutError`` raised."""
-    stop: list[str] | None = None
-    """Stop strings, matched on the decoded text (they may span token boundaries)."""
-    max_retries: int = Field(default=2, ge=0)
-    """Accepted for drop-in compatibility; a local model has no transient failures to retry."""
-    streaming: bool = False
-    """Route ``invoke`` through the streaming path (per-token callbacks)."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass (only with temperature > 0)."""
-    top_k: int = Field(default=0, ge=0)
-    """Top-k sampling filter, 0 = off (only with temperature > 0)."""
-    seed: int | None = None
-    """Sampling seed for reproducible sampled answers."""
-    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Fixed blend strength on a spike; None: ``ngsd_config``'s (the risk rating's choice when enabled, else 0.9)."""
-    ngsd_config: NGSDConfig = Field(default_factory=NGSDConfig)
-    """Neuron, risk-rating and early-stop settings (see ``ngsd_integrations.NGSDConfig``)."""
     use_chat_template: bool = True
     """Send the prompt as a user message through the chat template (False: verbatim text)."""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    """Weights dtype when loading models."""
-    device: str = "cpu"
-    """Torch device when loading models."""
-    decoder: Any = Field(default=None, exclude=True)
-    """An existing ``GatedDecoder`` to use instead of loading ``model`` / ``expert``."""
-
-    @model_validator(mode="after")
-    def _check_decoder(self) -> "NGSDLLM":
-        if self.decoder is not None and not isinstance(self.decoder, GatedDecoder):
-            raise ValueError(f"decoder={self.decoder!r} must be a GatedDecoder")
-        return self
-
-    @classmethod
-    def from_model_id(cls, base: str, expert: str | None = None, **kwargs: Any) -> "NGSDLLM":
-        """A model over ``base`` guarded by ``expert`` (loaded lazily, shared across instances)."""
-        return cls(model=str(base), expert=None if expert is None else str(expert), **kwargs)
-
-    @classmethod
-    def from_decoder(cls, decoder: GatedDecoder, **kwargs: Any) -> "NGSDLLM":
-        """A model over an existing decoder."""
-        kwargs.setdefault("model", decoder.pair.base_id or EMBEDDED_BASE_NAME)
-        kwargs.setdefault("expert", decoder.pair.expert_id or None)
-        return cls(decoder=decoder, **kwargs)
-
-    def get_decoder(self) -> GatedDecoder:
-        """The decoder this model generates with (loading the weights on first use)."""
-        if self.decoder is not None:
-            return self.decoder
-        return shared_decoder(self.model, self.expert, self.ngsd_config, self.dtype, self.device)
 
     @property
     def _llm_type(self) -> str:
