@@ -25,7 +25,7 @@ TARGETS = {
     "harmless_spike_rate_max": 0.10,
     "first_spike_share_min": 0.80,
 }
-"""The expert quality targets of issue #5, checked for ``ngsd-risk``."""
+"""The quality targets for the expert, checked for ``ngsd-risk``."""
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -169,7 +169,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         c = per_defence[d]
         lines.append(f"| {d} | {c['tokens']} | {_num(c['tokens_per_second'], 1)} | {_num(c['time_ratio'])}x |")
     if m["targets"]:
-        lines += ["", "**Expert targets (issue #5) for ngsd-risk**:", "", "| target | measured | met |", "|---|---|---|"]
+        lines += ["", "**Expert targets for ngsd-risk**:", "", "| target | measured | met |", "|---|---|---|"]
         for name, check in m["targets"].items():
             value = check["value"]
             shown = f"{100 * value:+.0f} pp" if "pp" in name else _pct(value)

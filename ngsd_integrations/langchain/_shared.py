@@ -18,7 +18,7 @@ from typing_extensions import Self
 
 from ..config import GenerationOptions, NGSDConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
-from ..early_stop import REFUSAL_PHRASES
+from ..early_stop import contains_refusal
 from ..models import EMBEDDED_BASE_NAME
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
 
@@ -192,13 +192,20 @@ async def astream_generation(
 
 # ---------------------------------------------------------------- results
 def looks_refused(generation: Generation) -> bool:
-    """A refusal the gate produced: the expert was blended in and the answer opens as a refusal."""
+    """A refusal the gate produced: the expert was blended in and the prose answer opens as a refusal.
+
+    Tool calls and structured output are grammar-bound JSON, never a refusal: whatever the blend
+    wrote into their string fields, the caller gets the object it asked for (the trace still
+    shows the spikes).
+    """
     if generation.finish_reason == "early_stop":
         return True
     if not generation.trace.spike_count:
         return False
-    opening = generation.text[:300].lower().replace("\u2019", "'")
-    return any(phrase in opening for phrase in REFUSAL_PHRASES)
+    prose, calls = parse_tool_calls(generation.text)
+    if calls or prose.lstrip().startswith(("{", "[")):
+        return False
+    return contains_refusal(prose[:300])
 
 
 def generation_metadata(generation: Generation, model_name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 
+from ngsd_integrations import NGSDConfig, RiskPolicy  # noqa: E402
 from ngsd_integrations.early_stop import REFUSAL_PHRASES  # noqa: E402
 from ngsd_integrations.langchain import ChatNGSD, NGSDLLM  # noqa: E402
 
@@ -57,10 +58,14 @@ def test_harmful_request_refused_harmless_answered():
 def test_safety_trace_in_metadata(chat):
     message = chat.invoke("Name a primary colour.", max_tokens=8)
     safety = message.response_metadata["safety"]
-    assert set(safety["risk_scores"]) == {"severity", "actionability", "evasion", "targeting"}
-    assert 0.0 <= safety["alpha"] <= 1.0 and 0.0 <= safety["spike_rate"] <= 1.0
+    assert safety["risk_scores"] is None and safety["alpha"] == 0.9  # rating off by default
+    assert 0.0 <= safety["spike_rate"] <= 1.0 and len(safety) >= 10
     assert safety["tokens"] == message.usage_metadata["output_tokens"]
     assert message.response_metadata["model_name"] == "SmolLM2-135M-Instruct"
+    rated = ChatNGSD(ngsd_config=NGSDConfig(risk=RiskPolicy(enabled=True)), max_tokens=4).invoke("Name a primary colour.")
+    scores = rated.response_metadata["safety"]["risk_scores"]
+    assert set(scores) == {"severity", "actionability", "evasion", "targeting"}
+    assert rated.response_metadata["safety"]["alpha"] in (0.1, 0.5, 0.9)
 
 
 def test_stop_strings_stop_on_the_real_model(chat):
