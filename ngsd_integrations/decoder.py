@@ -85,12 +85,7 @@ class GatedDecoder:
         self.divergence = get_divergence(self.config.gate.divergence)
         self.vocab_size = int(pair.base.config.get_text_config().vocab_size)
         self.context_window = int(getattr(pair.base.config.get_text_config(), "max_position_embeddings", 0) or 0)
-        eos = pair.base.generation_config.eos_token_id if pair.base.generation_config else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos_ids)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
+        self.eos_ids, self.pad_id = end_and_pad_ids(pair)
         self._rater: RiskRater | None = None
         self._rater_lock = threading.Lock()
 
@@ -235,6 +230,16 @@ class GatedDecoder:
                 forward = _ModelForward(self.pair)
                 self._rater = RiskRater(self.tokenizer, forward.base_only, forward.new_cache, self.config.risk)
             return self._rater
+
+
+def end_and_pad_ids(pair: ModelPair) -> tuple[frozenset[int], int]:
+    """The token ids that end an answer (generation config and tokenizer) and the padding id."""
+    eos = pair.base.generation_config.eos_token_id if pair.base.generation_config else None
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if pair.tokenizer.eos_token_id is not None:
+        eos_ids.add(pair.tokenizer.eos_token_id)
+    pad = pair.tokenizer.pad_token_id
+    return frozenset(eos_ids), pad if pad is not None else min(eos_ids)
 
 
 def _request_text(prompt: Prompt) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..decoder import Generation, _left_pad, _ModelForward
+from ..decoder import Generation, _left_pad, _ModelForward, end_and_pad_ids
 from ..divergence import total_variation
 from ..models import ModelPair
 from ..trace import SafetyTrace
@@ -68,12 +68,7 @@ class SafeDecoder:
             raise ValueError("SafeDecoding needs an expert; this pair has none")
         self.pair, self.alpha, self.first_tokens, self.top_k, self.min_common = pair, alpha, first_tokens, top_k, min_common
         self.tokenizer = pair.tokenizer
-        eos = pair.base.generation_config.eos_token_id if pair.base.generation_config else None
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            eos_ids.add(self.tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos_ids)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(eos_ids)
+        self.eos_ids, self.pad_id = end_and_pad_ids(pair)
         self._forward = _ModelForward(pair)
 
     def _encode(self, messages: list[dict[str, Any]], tokenizer: Any, assistant_prefix: str) -> list[int]:
