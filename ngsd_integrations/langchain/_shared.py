@@ -95,6 +95,31 @@ class NGSDFields(BaseModel):
         kwargs.setdefault("expert", decoder.pair.expert_id or None)
         return cls(decoder=decoder, **kwargs)
 
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "expert": self.expert,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "alpha": self.alpha,
+            "ngsd_config": self.ngsd_config.model_dump(),
+        }
+
+    def _fill_ls_params(self, params: dict[str, Any], model_type: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Any:
+        """LangSmith parameters of a call: provider, model, sampling settings, stop strings."""
+        params["ls_provider"] = PROVIDER
+        params["ls_model_name"] = kwargs.get("model") or self.model
+        params["ls_model_type"] = model_type
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
+        if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
+            params["ls_max_tokens"] = max_tokens
+        if ls_stop := stop or kwargs.get("stop") or self.stop:
+            params["ls_stop"] = list(ls_stop)
+        return params
+
     def get_decoder(self, model: str | None = None) -> GatedDecoder:
         """The decoder this model generates with (loading the weights on first use)."""
         if self.decoder is not None and (model is None or model == self.model):

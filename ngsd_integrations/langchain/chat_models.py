@@ -95,30 +95,8 @@ class ChatNGSD(NGSDFields, BaseChatModel):
     def _llm_type(self) -> str:
         return "ngsd-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "expert": self.expert,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "alpha": self.alpha,
-            "ngsd_config": self.ngsd_config.model_dump(),
-        }
-
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = PROVIDER
-        params["ls_model_name"] = kwargs.get("model") or self.model
-        params["ls_model_type"] = "chat"
-        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
-        if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
-            params["ls_max_tokens"] = max_tokens
-        if ls_stop := stop or kwargs.get("stop") or self.stop:
-            params["ls_stop"] = list(ls_stop)
-        return params
+        return self._fill_ls_params(super()._get_ls_params(stop=stop, **kwargs), "chat", stop, kwargs)
 
     # ---------------------------------------------------------------- tools and structure
     def bind_tools(

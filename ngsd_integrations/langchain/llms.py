@@ -13,7 +13,7 @@ from langchain_core.outputs import GenerationChunk, LLMResult
 
 from ..config import GenerationOptions
 from ..decoder import Generation
-from ._shared import PROVIDER, NGSDFields, Request, astream_generation, generation_metadata, stream_generation
+from ._shared import NGSDFields, Request, astream_generation, generation_metadata, stream_generation
 
 __all__ = ["NGSDLLM"]
 
@@ -42,27 +42,10 @@ class NGSDLLM(NGSDFields, BaseLLM):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "expert": self.expert,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "alpha": self.alpha,
-            "use_chat_template": self.use_chat_template,
-            "ngsd_config": self.ngsd_config.model_dump(),
-        }
+        return {**super()._identifying_params, "use_chat_template": self.use_chat_template}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = PROVIDER
-        params["ls_model_name"] = self.model
-        params["ls_model_type"] = "llm"
-        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
-        if (max_tokens := kwargs.get("max_tokens", self.max_tokens)) is not None:
-            params["ls_max_tokens"] = max_tokens
-        if ls_stop := stop or self.stop:
-            params["ls_stop"] = list(ls_stop)
-        return params
+        return self._fill_ls_params(super()._get_ls_params(stop=stop, **kwargs), "llm", stop, kwargs)
 
     def _request(self, prompt: str, stop: list[str] | None, kwargs: dict[str, Any]) -> Request:
         kwargs = dict(kwargs)
