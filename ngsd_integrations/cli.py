@@ -23,11 +23,14 @@ def _decoder(args: argparse.Namespace, **config_overrides: Any) -> Any:
     if args.base or args.expert:
         from .models import embedded_base_path
 
-        pair = load_pair(args.base or embedded_base_path(), args.expert, dtype=args.dtype, device=args.device)
+        pair = load_pair(
+            args.base or embedded_base_path(), args.expert, dtype=args.dtype, device=args.device, risk_probe=args.risk_probe
+        )
     else:
         pair = default_pair(dtype=args.dtype)
     gate = GateConfig(alpha=args.alpha, tau=args.tau, theta=args.theta)
-    return GatedDecoder(pair, NGSDConfig(gate=gate, risk=RiskPolicy(enabled=args.risk), **config_overrides))
+    enabled = {"auto": "auto", "on": True, "off": False}[args.risk]
+    return GatedDecoder(pair, NGSDConfig(gate=gate, risk=RiskPolicy(enabled=enabled), **config_overrides))
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +41,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=0.9, help="blend strength when the risk rating is off")
     parser.add_argument("--tau", type=float, default=8.0, help="neuron time constant (tokens)")
     parser.add_argument("--theta", type=float, default=1.0, help="neuron threshold")
-    parser.add_argument("--risk", action="store_true", help="rate each request with the base model and pick alpha from it")
+    parser.add_argument(
+        "--risk", choices=("auto", "on", "off"), default="auto",
+        help="rate each request and pick alpha from the rating (auto: when the pair has a risk probe, as the default pair does)",
+    )
+    parser.add_argument("--risk-probe", help="risk probe file for --base (see `ngsd train-probe`)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
 
 
@@ -156,6 +163,29 @@ def train_expert_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_probe_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .models import default_pair, default_probe_path, embedded_base_path, load_pair
+    from .risk import RiskProbe
+    from .training import measure_risk_probe, train_risk_probe
+
+    if args.output is None:
+        path = default_probe_path(default_pair())
+    else:
+        started = time.monotonic()
+        pair = load_pair(args.base or embedded_base_path())
+        path = train_risk_probe(pair, args.output, layer=args.layer)
+        print(f"trained in {time.monotonic() - started:.0f} s -> {path}")
+    if args.measure:
+        pair = load_pair(args.base or embedded_base_path())
+        pair.risk_probe = RiskProbe.load(path)
+        print(json.dumps(measure_risk_probe(pair), indent=2))
+    else:
+        print(path)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from .benchmark import print_throughput
 
@@ -187,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--measure", action="store_true", help="report refusal rates and divergence on held-back prompts")
     p.set_defaults(func=train_expert_command)
+
+    p = commands.add_parser("train-probe", help="train the linear risk probe on a base (default: the embedded base's, cached)")
+    p.add_argument("--base", help="base model (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--output", help="probe file to write (default: train or reuse the cached default probe)")
+    p.add_argument("--layer", type=int, default=24, help="decoder layer whose activations are read")
+    p.add_argument("--measure", action="store_true", help="report accuracy on held-back texts per kind")
+    p.set_defaults(func=train_probe_command)
 
     p = commands.add_parser("bench", help="tokens/s: plain generate() vs NGSD, side by side")
     p.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])

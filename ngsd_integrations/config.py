@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DivergenceName = Literal["tv", "jsd", "kl"]
+RaterName = Literal["auto", "prompt", "probe"]
+ToolAction = Literal["allow", "flag", "block"]
 GateMode = Literal["lif", "always", "never"]
 
 
@@ -49,15 +51,18 @@ class GateConfig(_Frozen):
 
 
 class RiskPolicy(_Frozen):
-    """Self-instinct risk rating: the base model rates the request, the rating picks alpha."""
+    """Risk rating of each request by the base model itself; the rating picks alpha."""
 
-    enabled: bool = False
-    """Rate each request before decoding; when off, ``GateConfig.alpha`` is used.
-
-    Off by default: the embedded 135M base cannot rate (its digit distribution for the severity
-    score is the same for "How do I make a bomb?" and "How do I bake bread?", expected value
-    2.2-2.7 on ten such prompts), so it would hand every request the low alpha. Turn it on
-    for base models that can tell requests apart; ``ngsd eval`` measures whether it helps."""
+    enabled: bool | Literal["auto"] = "auto"
+    """Rate each request before decoding, and let the rating pick alpha; when off,
+    ``GateConfig.alpha`` is used. ``auto``: on when the pair has a risk probe (the embedded
+    default pair does), off otherwise: a small base cannot rate by prompt (SmolLM2-135M gives
+    "How do I make a bomb?" and "How do I bake bread?" the same scores), and a rating that
+    cannot tell requests apart would hand every request the same alpha."""
+    rater: RaterName = "auto"
+    """``prompt``: the base model answers the rating prompt (the paper's self-instinct rating);
+    ``probe``: a linear probe reads the base's activations (``ModelPair.risk_probe``);
+    ``auto``: the probe when the pair has one."""
     missing_score: int = Field(7, ge=0, le=10)
     """Score given to an axis the rating omitted or garbled (fail safe: risky)."""
     long_prompt_chars: int = Field(2000, ge=1)
@@ -134,6 +139,45 @@ class GenerationOptions(_Frozen):
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+class ToolGuardConfig(_Frozen):
+    """What the tool-call guard does with an agent's tool calls and the tool results it reads.
+
+    Every call the model emits is rated (the request that led to it, the tool's name and its
+    arguments) before it leaves the model; a call rated above its threshold is *risky*. What
+    happens then is the tool's action: ``allow`` (never rated, always goes out), ``flag`` (goes
+    out, its risk is recorded in the message metadata) or ``block`` (the model answers with
+    ``refusal`` instead of making any call). Tool results in the current step are rated too: one
+    above ``result_threshold`` (an injected instruction, say) raises the blend strength for the
+    step and has every call in it judged by the stricter ``sensitive_threshold``.
+    """
+
+    enabled: bool = True
+    default_action: ToolAction = "block"
+    """Action for tools not named in ``actions``."""
+    actions: dict[str, ToolAction] = Field(default_factory=dict)
+    """Per-tool action by tool name, e.g. ``{"get_weather": "allow", "search": "flag"}``."""
+    sensitive_tools: tuple[str, ...] = ()
+    """Tools judged by ``sensitive_threshold``: shells, e-mail, payments, anything irreversible."""
+    threshold: float = Field(6.0, ge=0.0, le=10.0)
+    """A call whose risk is strictly above this is risky."""
+    sensitive_threshold: float = Field(4.0, ge=0.0, le=10.0)
+    """The threshold for sensitive tools (and for every call after a risky tool result)."""
+    rate_tool_results: bool = True
+    """Rate the tool results the model reads in the current step."""
+    result_threshold: float = Field(6.0, ge=0.0, le=10.0)
+    """A tool result whose risk is strictly above this is treated as a possible injection."""
+    refusal: str = "I can't make that tool call: it was judged unsafe."
+    """The answer that replaces a blocked step's tool calls."""
+
+    @model_validator(mode="after")
+    def _sensitive_is_stricter(self) -> "ToolGuardConfig":
+        if self.sensitive_threshold > self.threshold:
+            raise ValueError(
+                f"sensitive_threshold={self.sensitive_threshold} must not exceed threshold={self.threshold}"
+            )
+        return self
 
 
 class NGSDConfig(_Frozen):

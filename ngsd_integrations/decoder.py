@@ -23,7 +23,7 @@ from .divergence import get_divergence
 from .early_stop import EarlyStopper
 from .gate import LIFGate
 from .models import ModelPair
-from .risk import RiskAssessment, RiskRater
+from .risk import ProbeRater, RiskAssessment, RiskRater
 from .trace import SafetyTrace
 
 Message = Mapping[str, Any]
@@ -86,7 +86,7 @@ class GatedDecoder:
         self.vocab_size = int(pair.base.config.get_text_config().vocab_size)
         self.context_window = int(getattr(pair.base.config.get_text_config(), "max_position_embeddings", 0) or 0)
         self.eos_ids, self.pad_id = end_and_pad_ids(pair)
-        self._rater: RiskRater | None = None
+        self._rater: RiskRater | ProbeRater | None = None
         self._rater_lock = threading.Lock()
 
     # ---------------------------------------------------------------- public API
@@ -149,7 +149,7 @@ class GatedDecoder:
         return rendered + assistant_prefix
 
     def rate(self, request: str) -> RiskAssessment:
-        """Self-instinct risk rating of a request by the base model."""
+        """Risk rating of a request by the pair itself (the model named by ``rater``)."""
         return self._risk_rater().rate(request)
 
     # ---------------------------------------------------------------- the loop
@@ -199,7 +199,7 @@ class GatedDecoder:
         assessments: list[RiskAssessment | None] = []
         alphas: list[float] = []
         for prompt in prompts:
-            if alpha is not None or not self.config.risk.enabled or self.config.gate.mode == "never":
+            if alpha is not None or not self.risk_enabled or self.config.gate.mode == "never":
                 assessments.append(None)
                 alphas.append(self.config.gate.alpha if alpha is None else alpha)
             else:
@@ -224,11 +224,31 @@ class GatedDecoder:
             )
         return ids
 
-    def _risk_rater(self) -> RiskRater:
+    @property
+    def rater(self) -> str:
+        """How risk is rated: ``probe`` (the pair's risk probe) or ``prompt`` (self-instinct)."""
+        choice = self.config.risk.rater
+        if choice == "probe" and self.pair.risk_probe is None:
+            raise ValueError("RiskPolicy(rater='probe') needs a pair with a risk probe (load_pair(..., risk_probe=FILE))")
+        if choice == "auto":
+            return "probe" if self.pair.risk_probe is not None else "prompt"
+        return choice
+
+    @property
+    def risk_enabled(self) -> bool:
+        """Whether requests are rated before decoding (``RiskPolicy.enabled``; ``auto``: with a probe)."""
+        enabled = self.config.risk.enabled
+        return self.pair.risk_probe is not None if enabled == "auto" else bool(enabled)
+
+    def _risk_rater(self) -> RiskRater | ProbeRater:
         with self._rater_lock:
             if self._rater is None:
-                forward = _ModelForward(self.pair)
-                self._rater = RiskRater(self.tokenizer, forward.base_only, forward.new_cache, self.config.risk)
+                if self.rater == "probe":
+                    hidden = lambda ids, layer: hidden_state_mean(self.pair, ids, layer)  # noqa: E731
+                    self._rater = ProbeRater(self.tokenizer, hidden, self.pair.risk_probe, self.config.risk)
+                else:
+                    forward = _ModelForward(self.pair)
+                    self._rater = RiskRater(self.tokenizer, forward.base_only, forward.new_cache, self.config.risk)
             return self._rater
 
 
@@ -240,6 +260,15 @@ def end_and_pad_ids(pair: ModelPair) -> tuple[frozenset[int], int]:
         eos_ids.add(pair.tokenizer.eos_token_id)
     pad = pair.tokenizer.pad_token_id
     return frozenset(eos_ids), pad if pad is not None else min(eos_ids)
+
+
+def hidden_state_mean(pair: ModelPair, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """The base model's (adapter disabled) activations after ``layer``, mean over the tokens of one row."""
+    extra = {"adapter_names": ["__base__"]} if pair.is_adapter_pair else {}
+    device = next(pair.base.parameters()).device
+    with pair.forward_lock, torch.inference_mode():
+        out = pair.base(input_ids=ids.to(device), output_hidden_states=True, logits_to_keep=1, **extra)
+    return out.hidden_states[layer][0].float().mean(0).cpu()
 
 
 def _request_text(prompt: Prompt) -> str:

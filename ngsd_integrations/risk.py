@@ -1,4 +1,5 @@
-"""Self-instinct risk rating: the base model rates the request, the rating sets alpha.
+"""Risk rating of a request, which sets alpha: self-instinct (the base model answers a rating
+prompt) or a linear probe on the base's activations (for bases too small to rate by prompt).
 
 The rating prompt's fixed instructions are prefilled once per model and their KV cache reused.
 The answer is constrained to ``{"severity": N, "actionability": N, "evasion": N, "targeting": N}``:
@@ -13,6 +14,7 @@ import json
 import re
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -213,3 +215,70 @@ class RiskRater:
             out.append(token)
             ids = [token]
         return self.tokenizer.decode(out, skip_special_tokens=True)
+
+
+@dataclass
+class RiskProbe:
+    """A linear probe on the base model's hidden state: how harmful is this request?
+
+    The base's activations at ``layer`` (mean over the tokens of the request rendered as a user
+    turn) are standardised and weighted: ``p = sigmoid(w . (h - mean) / std + bias)``. A small
+    base cannot *say* how risky a request is (the rating prompt gets the same answer for every
+    request from SmolLM2-135M), but its activations already separate harmful from harmless
+    requests, tool calls and tool results; the probe reads them in one forward pass.
+    Trained by :func:`ngsd_integrations.training.train_risk_probe`.
+    """
+
+    layer: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: float
+
+    def probability(self, hidden_mean: torch.Tensor) -> float:
+        """Probability that the request behind ``hidden_mean`` (layer activations, mean over tokens) is harmful."""
+        z = ((hidden_mean.float() - self.mean) / self.std) @ self.weight + self.bias
+        return float(torch.sigmoid(z))
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"mean": self.mean, "std": self.std, "weight": self.weight}
+        torch.save({"layer": self.layer, "bias": self.bias, **tensors}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RiskProbe":
+        data = torch.load(str(path), weights_only=True)
+        return cls(int(data["layer"]), data["mean"], data["std"], data["weight"], float(data["bias"]))
+
+
+class ProbeRater:
+    """Rates requests with a :class:`RiskProbe` on the base model's activations (one forward).
+
+    ``hidden_mean(input_ids, layer) -> (hidden,)`` runs the base (adapter disabled). The
+    probability of harm becomes the severity score (0-10) and the risk; the other axes are 0, as
+    the probe reads harm, not its kind.
+    """
+
+    def __init__(self, tokenizer: Any, hidden_mean: Any, probe: RiskProbe, policy: RiskPolicy, max_tokens: int = 512):
+        self.tokenizer = tokenizer
+        self.hidden_mean = hidden_mean
+        self.probe = probe
+        self.policy = policy
+        self.max_tokens = max_tokens
+
+    def rate(self, request: str) -> RiskAssessment:
+        ids = probe_input_ids(self.tokenizer, request, self.max_tokens)
+        p = self.probe.probability(self.hidden_mean(torch.tensor([ids]), self.probe.layer))
+        risk = 10.0 * p
+        return RiskAssessment(
+            severity=round(risk), actionability=0, evasion=0, targeting=0,
+            risk=risk, alpha=alpha_for_risk(risk, self.policy), raw=f"probe p={p:.4f}",
+        )
+
+
+def probe_input_ids(tokenizer: Any, request: str, max_tokens: int = 512) -> list[int]:
+    """The request as the probe reads it: one user turn of the chat template, head and tail kept."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) > max_tokens:
+        ids = ids[: max_tokens // 2] + ids[len(ids) - max_tokens // 2 :]
+    return ids

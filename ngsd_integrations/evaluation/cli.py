@@ -44,6 +44,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--base", help="base model: hub id, folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--expert", help="expert: peft adapter folder or a causal LM sharing the base's vocabulary (default: the embedded LoRA expert)")
+    p.add_argument("--risk-probe", help="risk probe file trained on --base (`ngsd train-probe`); the embedded base has one")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--datasets", type=_csv, default=",".join(DEFAULT_DATASETS), help="comma-separated names or files (default: %(default)s)")
@@ -78,6 +79,7 @@ def _llm_judge(spec: str, kwargs_json: str) -> Any:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run ``ngsd eval`` with parsed arguments; print the table; return the exit status."""
     from ..models import default_pair, load_pair
+    from ..risk import RiskProbe
     from .datasets import load_user_dataset
     from .runner import EvalSettings, run_evaluation
 
@@ -95,11 +97,13 @@ def run_from_args(args: argparse.Namespace) -> int:
                 raise SystemExit(f"dataset {name!r}: {error}") from error
     judge = _llm_judge(args.llm_judge, args.llm_judge_kwargs) if args.llm_judge else None
     if args.base:
-        pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device)
+        pair = load_pair(args.base, args.expert, dtype=args.dtype, device=args.device, risk_probe=args.risk_probe)
     elif args.expert:
-        from ..models import embedded_base_path
+        from ..models import embedded_base_path, default_probe_path
 
-        pair = load_pair(embedded_base_path(), args.expert, dtype=args.dtype, device=args.device)
+        pair = load_pair(embedded_base_path(), args.expert, dtype=args.dtype, device=args.device, risk_probe=args.risk_probe)
+        if pair.risk_probe is None:
+            pair.risk_probe = RiskProbe.load(default_probe_path(pair))
     else:
         pair = default_pair(dtype=args.dtype)
     settings = EvalSettings(

@@ -19,6 +19,7 @@ from typing_extensions import Self
 from ..config import GenerationOptions, NGSDConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
 from ..early_stop import contains_refusal
+from ..guard import GuardContext, GuardReview, ToolGuard
 from ..models import EMBEDDED_BASE_NAME
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
 
@@ -137,6 +138,15 @@ class Request:
     decode_kwargs: dict[str, Any] = field(default_factory=dict)
     parse_tools: bool = False
     timeout: float | None = None
+    guard: ToolGuard | None = None
+    """The tool-call guard reviewing this step's calls (None: tools not bound or guard off)."""
+    guard_context: GuardContext | None = None
+
+    def review(self, calls: list[ToolCall]) -> GuardReview | None:
+        """The guard's decision on the calls the model made (None without a guard)."""
+        if self.guard is None or self.guard_context is None:
+            return None
+        return self.guard.review(self.guard_context, calls)
 
 
 def stream_generation(decoder: GatedDecoder, request: Request, cancel: threading.Event) -> Iterator[TokenEvent]:
@@ -213,6 +223,35 @@ async def astream_generation(
             yield item
     finally:
         cancel.set()  # no-op when finished; stops the worker within one token when abandoned
+
+
+# ---------------------------------------------------------------- tool-call guard
+GUARD_EVENT = "ngsd_tool_guard"
+"""Name of the custom callback event carrying a step's guard review (``on_custom_event``)."""
+
+
+def dispatch_guard_event(run_manager: Any, review: GuardReview | None) -> None:
+    """Tell the run's callback handlers what the guard flagged or blocked."""
+    if run_manager is None or review is None or not review.verdicts:
+        return
+    from langchain_core.callbacks.manager import handle_event
+
+    handle_event(
+        run_manager.handlers, "on_custom_event", "ignore_custom_event", GUARD_EVENT, review.to_metadata(),
+        run_id=run_manager.run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+    )
+
+
+async def adispatch_guard_event(run_manager: Any, review: GuardReview | None) -> None:
+    """Async twin of :func:`dispatch_guard_event`."""
+    if run_manager is None or review is None or not review.verdicts:
+        return
+    from langchain_core.callbacks.manager import ahandle_event
+
+    await ahandle_event(
+        run_manager.handlers, "on_custom_event", "ignore_custom_event", GUARD_EVENT, review.to_metadata(),
+        run_id=run_manager.run_id, tags=run_manager.tags, metadata=run_manager.metadata,
+    )
 
 
 # ---------------------------------------------------------------- results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from operator import itemgetter
@@ -28,8 +29,11 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from ..config import GenerationOptions
+from pydantic import Field
+
+from ..config import GenerationOptions, ToolGuardConfig
 from ..decoder import GatedDecoder, Generation
+from ..guard import GuardReview
 from ..tools import (
     ToolCall,
     ToolSpec,
@@ -43,7 +47,9 @@ from ._shared import (
     NGSDFields,
     Request,
     ToolCallSplitter,
+    adispatch_guard_event,
     astream_generation,
+    dispatch_guard_event,
     generation_metadata,
     normalize_tool_choice,
     schema_instruction,
@@ -88,7 +94,17 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         ``response_metadata["safety"]`` holds the trace summary (risk scores, alpha, spikes,
         spike rate); a refusal the gate produced adds a ``refusal`` content block to
         ``content_blocks`` while ``content`` keeps the plain text.
+
+    Tool-call guard (agents):
+        with tools bound, every call is rated before it leaves the model and the tool results
+        of the step are rated before decoding (``tool_guard``, a ``ToolGuardConfig``). A blocked
+        step answers with a refusal and no calls; the review is in
+        ``response_metadata["tool_guard"]`` and reaches callbacks as the custom event
+        ``ngsd_tool_guard``.
     """
+
+    tool_guard: ToolGuardConfig = Field(default_factory=ToolGuardConfig)
+    """Policy for agents' tool calls and tool results: per-tool allow / flag / block, sensitive tools."""
 
     # ---------------------------------------------------------------- LangChain identity
     @property
@@ -198,18 +214,34 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         users = [m["content"] for m in neutral if m["role"] == "user" and m["content"].strip()]
         if users:
             decode_kwargs["risk_request"] = users[-1]
-        return decoder, Request(prompt, options, decode_kwargs, parse_tools=bool(active_tools), timeout=timeout)
+        request = Request(prompt, options, decode_kwargs, parse_tools=bool(active_tools), timeout=timeout)
+        if active_tools and self.tool_guard.enabled:
+            from .. import registry
 
-    def _message(self, generation: Generation, request: Request, model: str) -> AIMessage:
+            request.guard = registry.get_guard(decoder, self.tool_guard)
+            request.guard_context = request.guard.prepare(neutral)
+            if alpha is None and (tainted_alpha := request.guard.alpha_for(request.guard_context)) is not None:
+                decode_kwargs["alpha"] = tainted_alpha
+        return decoder, request
+
+    def _message(self, generation: Generation, request: Request, model: str) -> tuple[AIMessage, GuardReview | None]:
         content, calls = parse_tool_calls(generation.text) if request.parse_tools else (generation.text, [])
         metadata = generation_metadata(generation, model)
-        return AIMessage(
+        refusal = generation.text if metadata["refused"] else None
+        review = request.review(calls)
+        if review is not None:
+            metadata["tool_guard"] = review.to_metadata()
+            if review.blocked:
+                content, refusal = review.refusal, review.refusal
+            calls = review.calls
+        message = AIMessage(
             content=content,
             tool_calls=[_lc_tool_call(c) for c in calls],
-            additional_kwargs={"refusal": generation.text} if metadata["refused"] else {},
+            additional_kwargs={"refusal": refusal} if refusal else {},
             response_metadata=metadata,
             usage_metadata=usage_metadata(generation),
         )
+        return message, review
 
     # ---------------------------------------------------------------- generation
     def _generate(
@@ -226,7 +258,8 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         decoder, request = self._request(messages, stop, kwargs)
         events = stream_generation(decoder, request, threading.Event())
         generation = _drain(events)
-        message = self._message(generation, request, model)
+        message, review = self._message(generation, request, model)
+        dispatch_guard_event(run_manager, review)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": model})
 
     async def _agenerate(
@@ -240,13 +273,15 @@ class ChatNGSD(NGSDFields, BaseChatModel):
             chunks = [c async for c in self._astream(messages, stop, run_manager, **kwargs)]
             return _result_from_chunks(chunks)
         model = kwargs.get("model") or self.model
-        decoder, request = self._request(messages, stop, kwargs)
+        # Off the event loop: the first call loads weights, a step with tool results rates them.
+        decoder, request = await asyncio.to_thread(self._request, messages, stop, kwargs)
         generation = None
         async for item in astream_generation(decoder, request):
             if isinstance(item, Generation):
                 generation = item
         assert generation is not None
-        message = self._message(generation, request, model)
+        message, review = self._message(generation, request, model)
+        await adispatch_guard_event(run_manager, review)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": model})
 
     def _stream(
@@ -267,6 +302,7 @@ class ChatNGSD(NGSDFields, BaseChatModel):
                     event = next(events)
                 except StopIteration as done:
                     yield from chunker.finish(done.value)
+                    dispatch_guard_event(run_manager, chunker.review)
                     return
                 yield from chunker.delta(event.text)
         finally:
@@ -280,21 +316,28 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         model = kwargs.get("model") or self.model
-        decoder, request = self._request(messages, stop, kwargs)
+        decoder, request = await asyncio.to_thread(self._request, messages, stop, kwargs)
         chunker = _Chunker(request, model)
         async for item in astream_generation(decoder, request):
             chunks = chunker.finish(item) if isinstance(item, Generation) else chunker.delta(item.text)
             for chunk in chunks:
                 yield chunk
+        await adispatch_guard_event(run_manager, chunker.review)
 
 
 class _Chunker:
-    """Turns text deltas into message chunks: prose as content, finished calls as tool_call_chunks."""
+    """Turns text deltas into message chunks: prose as content as it arrives, tool calls at the end.
+
+    Calls are held back until the generation ends so the tool-call guard sees all of them
+    before any leaves the model; then they go out as ``tool_call_chunks`` or, blocked, are
+    replaced by the guard's refusal.
+    """
 
     def __init__(self, request: Request, model: str):
         self.request, self.model = request, model
         self.splitter = ToolCallSplitter() if request.parse_tools else None
-        self.index = 0
+        self.calls: list[ToolCall] = []
+        self.review: GuardReview | None = None
 
     def delta(self, text: str, final: bool = False) -> list[ChatGenerationChunk]:
         if self.splitter is None:
@@ -302,15 +345,7 @@ class _Chunker:
         chunks = []
         for piece in self.splitter.feed(text, final):
             if isinstance(piece, ToolCall):
-                tool_chunk = {
-                    "name": piece.name,
-                    "args": json.dumps(piece.arguments, ensure_ascii=False),
-                    "id": piece.id,
-                    "index": self.index,
-                    "type": "tool_call_chunk",
-                }
-                self.index += 1
-                chunks.append(ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tool_chunk])))
+                self.calls.append(piece)
             elif piece:
                 chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=piece)))
         return chunks
@@ -318,9 +353,26 @@ class _Chunker:
     def finish(self, generation: Generation) -> list[ChatGenerationChunk]:
         chunks = self.delta("", final=True) if self.splitter is not None else []
         metadata = generation_metadata(generation, self.model)
+        refusal = generation.text if metadata["refused"] else None
+        calls, self.review = self.calls, self.request.review(self.calls)
+        if self.review is not None:
+            metadata["tool_guard"] = self.review.to_metadata()
+            calls = self.review.calls
+            if self.review.blocked:
+                refusal = self.review.refusal
+                chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=refusal)))
+        for index, call in enumerate(calls):
+            tool_chunk = {
+                "name": call.name,
+                "args": json.dumps(call.arguments, ensure_ascii=False),
+                "id": call.id,
+                "index": index,
+                "type": "tool_call_chunk",
+            }
+            chunks.append(ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tool_chunk])))
         last = AIMessageChunk(
             content="",
-            additional_kwargs={"refusal": generation.text} if metadata["refused"] else {},
+            additional_kwargs={"refusal": refusal} if refusal else {},
             response_metadata=metadata,
             usage_metadata=usage_metadata(generation),
             chunk_position="last",

@@ -32,19 +32,34 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.callbacks import CallbackManager
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
-from ..config import GenerationOptions, NGSDConfig
+from ..config import GenerationOptions, NGSDConfig, ToolGuardConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
-from ..registry import get_decoder
+from ..guard import GuardContext, GuardReview, ToolGuard
+from ..registry import get_decoder, get_guard
 from ..tools import TOOL_CALL_OPEN, ToolCall, ToolSpec, parse_tool_calls, prepare_messages, tool_call_constraint
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
 
 logger = logging.getLogger(__name__)
+dispatcher = get_dispatcher(__name__)
+
+
+class ToolGuardEvent(BaseEvent):
+    """Instrumentation event: what the tool-call guard flagged or blocked in one step."""
+
+    review: dict[str, Any]
+    """``GuardReview.to_metadata()``: ``blocked``, ``flagged`` and every verdict."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ToolGuardEvent"
 
 _ROLES = {
     MessageRole.SYSTEM: "system",
@@ -69,6 +84,20 @@ class _Call:
     options: GenerationOptions
     decode_kwargs: dict[str, Any] = field(default_factory=dict)
     with_tools: bool = False
+    guard: Optional[ToolGuard] = None
+    guard_context: Optional[GuardContext] = None
+
+    def answer(self, generation: Generation) -> tuple[str, list[ToolCall], Optional[GuardReview]]:
+        """The answer's text and the calls that leave the model, after the tool-call guard."""
+        if not self.with_tools:
+            return generation.text, [], None
+        content, calls = parse_tool_calls(generation.text)
+        if self.guard is None or self.guard_context is None:
+            return content.strip(), calls, None
+        review = self.guard.review(self.guard_context, calls)
+        if review.verdicts:
+            dispatcher.event(ToolGuardEvent(review=review.to_metadata()))
+        return (review.refusal if review.blocked else content.strip()), review.calls, review
 
 
 class NGSD(FunctionCallingLLM):
@@ -104,6 +133,7 @@ class NGSD(FunctionCallingLLM):
     alpha: Optional[float] = Field(default=None, ge=0.0, le=1.0, description="Fixed blend strength; None uses ngsd_config (the risk rating's choice when enabled, else GateConfig.alpha = 0.9).")
     context_window: Optional[int] = Field(default=None, gt=0, description="Override of the context window read from the model config.")
     ngsd_config: Optional[NGSDConfig] = Field(default=None, description="Neuron, risk-rating and early-stop settings of the decoder.")
+    tool_guard: ToolGuardConfig = Field(default_factory=ToolGuardConfig, description="Tool-call guard for agents: per-tool allow / flag / block, sensitive tools, tool-result rating (see ToolGuardConfig).")
 
     _decoder: Optional[GatedDecoder] = PrivateAttr(default=None)
     _decoder_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -212,7 +242,7 @@ class NGSD(FunctionCallingLLM):
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._chat_call(messages, kwargs)
         generation = _drain(self._iterate(call, None))
-        return _chat_response(generation, call.with_tools)
+        return _chat_response(generation, call)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -225,7 +255,7 @@ class NGSD(FunctionCallingLLM):
                 try:
                     event = next(events)
                 except StopIteration as done:
-                    yield _final_chunk(done.value, visible, call.with_tools)
+                    yield _final_chunk(done.value, visible, call)
                     return
                 delta = visible.push(event.text)
                 if delta:
@@ -243,7 +273,7 @@ class NGSD(FunctionCallingLLM):
 
         async for item in self._abridge(prepare, events=False):
             if isinstance(item, Generation):
-                return _chat_response(item, holder["call"].with_tools)
+                return _chat_response(item, holder["call"])
         raise RuntimeError("the decoder ended without a result")  # pragma: no cover
 
     @llm_chat_callback()
@@ -260,7 +290,7 @@ class NGSD(FunctionCallingLLM):
                 if visible is None:
                     visible = _VisibleText(holder["call"].with_tools)
                 if isinstance(item, Generation):
-                    yield _final_chunk(item, visible, holder["call"].with_tools)
+                    yield _final_chunk(item, visible, holder["call"])
                     return
                 delta = visible.push(item.text)
                 if delta:
@@ -380,7 +410,13 @@ class NGSD(FunctionCallingLLM):
         users = [m for m in messages if m.role == MessageRole.USER]
         if users and "alpha" not in extra:
             extra["risk_request"] = _text_of(users[-1])
-        return _Call(neutral, options, extra, with_tools=bool(specs))
+        call = _Call(neutral, options, extra, with_tools=bool(specs))
+        if specs and self.tool_guard.enabled:
+            call.guard = get_guard(decoder, self.tool_guard)
+            call.guard_context = call.guard.prepare(_to_neutral(messages))
+            if "alpha" not in extra and (tainted_alpha := call.guard.alpha_for(call.guard_context)) is not None:
+                extra["alpha"] = tainted_alpha
+        return call
 
     def _iterate(self, call: _Call, cancel: Optional[threading.Event]) -> Generator[TokenEvent, None, Generation]:
         """The decoder's token events for one call; the generator's return value is the Generation."""
@@ -438,13 +474,16 @@ def _drain(events: Generator[TokenEvent, None, Generation]) -> Generation:
             return done.value
 
 
-def _raw(generation: Generation) -> dict[str, Any]:
-    """What LlamaIndex token counting reads (``usage``) plus the safety trace summary."""
-    return {
+def _raw(generation: Generation, review: Optional[GuardReview] = None) -> dict[str, Any]:
+    """What LlamaIndex token counting reads (``usage``), the safety trace summary, the guard's review."""
+    raw = {
         "usage": generation.usage,
         "finish_reason": generation.finish_reason,
         "safety": generation.trace.summary(),
     }
+    if review is not None:
+        raw["tool_guard"] = review.to_metadata()
+    return raw
 
 
 def _partial_raw(event: TokenEvent) -> dict[str, Any]:
@@ -484,36 +523,31 @@ class _VisibleText:
         return new
 
 
-def _answer(generation: Generation, with_tools: bool) -> tuple[str, list[ToolCall]]:
-    if not with_tools:
-        return generation.text, []
-    content, calls = parse_tool_calls(generation.text)
-    return content.strip(), calls
-
-
 def _message(content: str, calls: list[ToolCall]) -> ChatMessage:
     blocks: list[Any] = [TextBlock(text=content)]
     blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=dict(c.arguments)) for c in calls]
     return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks)
 
 
-def _chat_response(generation: Generation, with_tools: bool) -> ChatResponse:
-    content, calls = _answer(generation, with_tools)
-    return ChatResponse(message=_message(content, calls), raw=_raw(generation))
+def _chat_response(generation: Generation, call: _Call) -> ChatResponse:
+    content, calls, review = call.answer(generation)
+    return ChatResponse(message=_message(content, calls), raw=_raw(generation, review))
 
 
 def _text_chunk(text: str, delta: str, event: TokenEvent) -> ChatResponse:
     return ChatResponse(message=_message(text, []), delta=delta, raw=_partial_raw(event))
 
 
-def _final_chunk(generation: Generation, visible: _VisibleText, with_tools: bool) -> ChatResponse:
-    """The last chunk: the parsed tool calls and whatever text was still held back."""
-    content, calls = _answer(generation, with_tools)
+def _final_chunk(generation: Generation, visible: _VisibleText, call: _Call) -> ChatResponse:
+    """The last chunk: the parsed tool calls (after the guard) and whatever text was still held back."""
+    content, calls, review = call.answer(generation)
+    if review is not None and review.blocked:  # the refusal follows whatever prose was streamed
+        content = f"{visible.emitted} {content}".strip()
     # Joined deltas must equal the final content: only text extending what was streamed is new.
     delta = content[len(visible.emitted) :] if content.startswith(visible.emitted) else ""
     if not content.startswith(visible.emitted):
         content = visible.emitted
-    return ChatResponse(message=_message(content, calls), delta=delta, raw=_raw(generation))
+    return ChatResponse(message=_message(content, calls), delta=delta, raw=_raw(generation, review))
 
 
 def _text_of(message: ChatMessage) -> str:

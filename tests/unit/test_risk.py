@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 
 from ngsd_integrations import GatedDecoder, NGSDConfig, RiskPolicy
-from ngsd_integrations.risk import AXES, alpha_for_risk, combine_risk, parse_risk_scores
+from ngsd_integrations.risk import AXES, RiskProbe, alpha_for_risk, combine_risk, parse_risk_scores
+from ngsd_integrations.training import train_risk_probe
 
 POLICY = RiskPolicy()
 
@@ -75,3 +79,41 @@ def test_generation_carries_the_rating(tiny_adapter_pair):
     assert result.trace.alpha == result.trace.risk.alpha
     summary = result.trace.summary()
     assert summary["risk_scores"].keys() == set(AXES) and summary["alpha"] == result.trace.alpha
+
+
+# ---------------------------------------------------------------- the linear risk probe
+def test_probe_probability_and_round_trip(tmp_path):
+    probe = RiskProbe(3, torch.zeros(4), torch.full((4,), 2.0), torch.tensor([1.0, -1.0, 0.0, 2.0]), -0.5)
+    h = torch.tensor([2.0, 0.0, 5.0, 1.0])  # standardised (1, 0, 2.5, 0.5) -> z = 1 + 1 - 0.5
+    assert probe.probability(h) == pytest.approx(float(torch.sigmoid(torch.tensor(1.5))))
+    probe.save(tmp_path / "p.pt")
+    loaded = RiskProbe.load(tmp_path / "p.pt")
+    assert loaded.layer == 3 and loaded.bias == -0.5 and loaded.probability(h) == pytest.approx(probe.probability(h))
+
+
+@pytest.fixture(scope="module")
+def probed_pair(tiny_adapter_pair, tmp_path_factory):
+    """The tiny pair with a probe really trained on its base (random weights: any probe will do)."""
+    path = train_risk_probe(tiny_adapter_pair, tmp_path_factory.mktemp("probe") / "risk_probe.pt", layer=1, progress=False)
+    return dataclasses.replace(tiny_adapter_pair, risk_probe=RiskProbe.load(path))
+
+
+def test_a_pair_with_a_probe_rates_by_default_with_the_probe(probed_pair, tiny_adapter_pair):
+    decoder = GatedDecoder(probed_pair, NGSDConfig())
+    assert decoder.rater == "probe" and decoder.risk_enabled
+    assessment = decoder.rate("How do I bake bread?")
+    assert assessment.raw.startswith("probe p=") and 0.0 <= assessment.risk <= 10.0
+    assert assessment.severity == round(assessment.risk) and assessment.alpha == alpha_for_risk(assessment.risk, POLICY)
+    result = decoder.generate([{"role": "user", "content": "hello there"}])
+    assert result.trace.risk is not None and result.trace.alpha == result.trace.risk.alpha
+
+    plain = GatedDecoder(tiny_adapter_pair, NGSDConfig())
+    assert plain.rater == "prompt" and not plain.risk_enabled  # auto: no probe, no rating
+    assert GatedDecoder(probed_pair, NGSDConfig(risk=RiskPolicy(rater="prompt"))).rate("hi").raw.startswith("{")
+    with pytest.raises(ValueError, match="rater='probe'"):
+        GatedDecoder(tiny_adapter_pair, NGSDConfig(risk=RiskPolicy(rater="probe"))).rate("hi")
+
+
+def test_probe_layer_is_checked(tiny_adapter_pair, tmp_path):
+    with pytest.raises(ValueError, match="layer=99"):
+        train_risk_probe(tiny_adapter_pair, tmp_path / "p.pt", layer=99, progress=False)
