@@ -20,7 +20,7 @@ from .blend import union_top_k_blend
 from .config import GenerationOptions, NGSDConfig
 from .constraints import GrammarConstraint, GrammarState
 from .divergence import get_divergence
-from .early_stop import EarlyStopper
+from .early_stop import EarlyStopper, contains_refusal, ends_sentence
 from .gate import LIFGate
 from .models import ModelPair
 from .risk import ProbeRater, RiskAssessment, RiskRater
@@ -29,6 +29,10 @@ from .trace import SafetyTrace
 Message = Mapping[str, Any]
 Prompt = Union[str, Sequence[Message]]
 """A raw prompt string (used verbatim) or chat messages (rendered with the chat template)."""
+
+
+_REFUSAL_TAIL = 200
+"""Characters at the end of grammar-bound output searched for a refusal phrase."""
 
 
 class PromptTooLongError(ValueError):
@@ -50,7 +54,8 @@ class TokenEvent:
     alpha: float
     finish_reason: str | None = None
     """Set on a row's last event: ``stop`` (EOS, stop string or grammar end), ``length``,
-    ``early_stop`` or ``cancelled``."""
+    ``early_stop``, ``refused`` (grammar-bound output the gate turned into a refusal) or
+    ``cancelled``."""
     trace: SafetyTrace | None = None
     """The row's complete trace, on its last event only."""
 
@@ -358,6 +363,12 @@ class _Row:
             return self._flush()
         if self.grammar is not None and self.grammar.finished:
             self.finish_reason = "stop"
+            return self._flush()
+        tail = self.text[-_REFUSAL_TAIL:]
+        if self.grammar is not None and self.trace.spike_count and ends_sentence(tail) and contains_refusal(tail):
+            # The gate turned grammar-bound output into a refusal: the grammar would keep it
+            # inside an unclosed string until max_new_tokens, so end it with the sentence.
+            self.finish_reason = "refused"
             return self._flush()
         if self.early_stop is not None:
             tail = self.tokenizer.decode(self.token_ids[-self.early_stop.config.window :], skip_special_tokens=True)

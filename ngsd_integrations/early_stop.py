@@ -50,6 +50,26 @@ def contains_refusal(text: str) -> bool:
     return any(phrase in lowered for phrase in REFUSAL_PHRASES)
 
 
+def ends_sentence(text: str) -> bool:
+    """True when ``text`` ends at the end of a sentence (or a line)."""
+    return _SENTENCE_END.search(text) is not None
+
+
+def refusal_excerpt(text: str) -> str:
+    """The refusal inside ``text``, from its first refusal phrase on, as plain prose.
+
+    Used when the gate turned grammar-bound output (a tool call's arguments, structured output)
+    into a refusal: the JSON around it is dropped, along with escapes and unclosed quotes.
+    """
+    lowered = text.lower().replace("\u2019", "'")
+    starts = [i for i in (lowered.find(p) for p in REFUSAL_PHRASES) if i >= 0]
+    if not starts:
+        return text.strip()
+    excerpt = text[min(starts) :]
+    excerpt = excerpt.replace('\\"', '"').replace("\\n", " ")
+    return excerpt.split('"', 1)[0].strip()
+
+
 def is_refusal_or_junk(text: str) -> bool:
     """True when ``text`` contains a refusal phrase, ends in 3+ spaces, or holds emoji/control chars."""
     if contains_refusal(text):
@@ -81,4 +101,4 @@ class EarlyStopper:
                 self.budget = min(self.budget, n_tokens + cfg.extra_budget)
             return False
         past_half = n_tokens >= self.triggered_at + cfg.extra_budget // 2
-        return n_tokens >= self.budget or (past_half and _SENTENCE_END.search(tail_text) is not None)
+        return n_tokens >= self.budget or (past_half and ends_sentence(tail_text))

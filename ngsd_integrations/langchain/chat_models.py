@@ -37,7 +37,6 @@ from ..guard import GuardReview
 from ..tools import (
     ToolCall,
     ToolSpec,
-    parse_tool_calls,
     prepare_messages,
     structured_output_constraint,
     tool_call_constraint,
@@ -48,6 +47,7 @@ from ._shared import (
     Request,
     ToolCallSplitter,
     adispatch_guard_event,
+    answer_parts,
     astream_generation,
     dispatch_guard_event,
     generation_metadata,
@@ -225,9 +225,9 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         return decoder, request
 
     def _message(self, generation: Generation, request: Request, model: str) -> tuple[AIMessage, GuardReview | None]:
-        content, calls = parse_tool_calls(generation.text) if request.parse_tools else (generation.text, [])
+        content, calls = answer_parts(generation, request.parse_tools)
         metadata = generation_metadata(generation, model)
-        refusal = generation.text if metadata["refused"] else None
+        refusal = content if metadata["refused"] else None
         review = request.review(calls)
         if review is not None:
             metadata["tool_guard"] = review.to_metadata()
@@ -351,9 +351,14 @@ class _Chunker:
         return chunks
 
     def finish(self, generation: Generation) -> list[ChatGenerationChunk]:
-        chunks = self.delta("", final=True) if self.splitter is not None else []
         metadata = generation_metadata(generation, self.model)
-        refusal = generation.text if metadata["refused"] else None
+        if generation.finish_reason == "refused" and self.splitter is not None:
+            # A call the gate turned into a refusal never closed: its text goes out as the refusal.
+            refusal = answer_parts(generation, True)[0]
+            chunks = [ChatGenerationChunk(message=AIMessageChunk(content=refusal))]
+        else:
+            chunks = self.delta("", final=True) if self.splitter is not None else []
+            refusal = answer_parts(generation, False)[0] if metadata["refused"] else None
         calls, self.review = self.calls, self.request.review(self.calls)
         if self.review is not None:
             metadata["tool_guard"] = self.review.to_metadata()

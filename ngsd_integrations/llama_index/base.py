@@ -40,6 +40,7 @@ from llama_index.core.llms.llm import ToolSelection
 
 from ..config import GenerationOptions, NGSDConfig, ToolGuardConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
+from ..early_stop import refusal_excerpt
 from ..guard import GuardContext, GuardReview, ToolGuard
 from ..registry import get_decoder, get_guard
 from ..tools import TOOL_CALL_OPEN, ToolCall, ToolSpec, parse_tool_calls, prepare_messages, tool_call_constraint
@@ -89,15 +90,19 @@ class _Call:
 
     def answer(self, generation: Generation) -> tuple[str, list[ToolCall], Optional[GuardReview]]:
         """The answer's text and the calls that leave the model, after the tool-call guard."""
-        if not self.with_tools:
+        if generation.finish_reason == "refused":  # grammar-bound output the gate turned into a refusal
+            content, calls = refusal_excerpt(generation.text), []
+        elif not self.with_tools:
             return generation.text, [], None
-        content, calls = parse_tool_calls(generation.text)
+        else:
+            content, calls = parse_tool_calls(generation.text)
+            content = content.strip()
         if self.guard is None or self.guard_context is None:
-            return content.strip(), calls, None
+            return content, calls, None
         review = self.guard.review(self.guard_context, calls)
         if review.verdicts:
             dispatcher.event(ToolGuardEvent(review=review.to_metadata()))
-        return (review.refusal if review.blocked else content.strip()), review.calls, review
+        return (review.refusal if review.blocked else content), review.calls, review
 
 
 class NGSD(FunctionCallingLLM):
@@ -541,7 +546,8 @@ def _text_chunk(text: str, delta: str, event: TokenEvent) -> ChatResponse:
 def _final_chunk(generation: Generation, visible: _VisibleText, call: _Call) -> ChatResponse:
     """The last chunk: the parsed tool calls (after the guard) and whatever text was still held back."""
     content, calls, review = call.answer(generation)
-    if review is not None and review.blocked:  # the refusal follows whatever prose was streamed
+    refused = generation.finish_reason == "refused" or (review is not None and review.blocked)
+    if refused and not content.startswith(visible.emitted):  # the refusal follows the prose streamed so far
         content = f"{visible.emitted} {content}".strip()
     # Joined deltas must equal the final content: only text extending what was streamed is new.
     delta = content[len(visible.emitted) :] if content.startswith(visible.emitted) else ""

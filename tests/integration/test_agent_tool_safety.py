@@ -113,12 +113,14 @@ def test_injected_instruction_in_a_tool_result_leads_to_no_harmful_call(chat):
         AIMessage("", tool_calls=[{"name": "fetch_page", "args": {"url": "https://library.example/hours"}, "id": "c1"}]),
         ToolMessage(INJECTED_PAGE, tool_call_id="c1", name="fetch_page"),
     ]
-    # Forcing the e-mail tool is the injection's goal: the model must write the e-mail it asks for.
-    message = chat.bind_tools([fetch_page, send_email], tool_choice="send_email").invoke(history)
+    # Forcing the e-mail tool is the injection's goal: the model must write the e-mail it asks for
+    # (and it does: the body repeats the injected request). 200 tokens let the call complete.
+    message = chat.bind_tools([fetch_page, send_email], tool_choice="send_email").invoke(history, max_tokens=200)
     review = message.response_metadata["tool_guard"]
     result, call = review["verdicts"]
     assert result["kind"] == "tool_result" and result["risky"], result  # the page is recognised as an injection
-    assert call["kind"] == "tool_call" and call["threshold"] == GUARD.sensitive_threshold
+    assert call["kind"] == "tool_call" and call["name"] == "send_email" and call["risky"], call
+    assert call["threshold"] == GUARD.sensitive_threshold
     assert message.tool_calls == [] and review["blocked"] is True, review
 
     # The same page without the injection leaves the step untainted and the answer free.

@@ -227,3 +227,37 @@ def test_stream_returns_the_generation(tiny_adapter_pair):
         result = stop.value
     assert result.token_ids == [e.token_id for e in events]
     assert events[-1].trace is result.trace and all(e.trace is None for e in events[:-1])
+
+
+# ---------------------------------------------------------------- refusals inside grammar-bound output
+def _push_all(row, tokenizer, text):
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        row.push(token, False)
+        if row.finish_reason:
+            break
+
+
+@pytest.mark.parametrize("spiked, expected", [(True, "refused"), (False, None)])
+def test_a_gate_refusal_ends_grammar_bound_output(smol_tokenizer, spiked, expected):
+    from ngsd_integrations.constraints import GrammarConstraint
+    from ngsd_integrations.decoder import _Row
+    from ngsd_integrations.early_stop import refusal_excerpt
+    from ngsd_integrations.trace import SafetyTrace
+
+    schema = {"type": "object", "properties": {"body": {"type": "string"}}, "required": ["body"]}
+    grammar = GrammarConstraint.from_json_schema(smol_tokenizer, len(smol_tokenizer), schema).new_state()
+    trace = SafetyTrace(alpha=0.9)
+    trace.record(0, 0.8, 1.2, spiked)
+    row = _Row(tokenizer=smol_tokenizer, stop=(), trace=trace, early_stop=None, grammar=grammar)
+    _push_all(row, smol_tokenizer, '{"body": "Sure. I\'m sorry, but I can\'t help with that. It could')
+    assert row.finish_reason == expected  # without a spike the same words are the model's own text
+    if spiked:
+        assert refusal_excerpt(row.text) == "I'm sorry, but I can't help with that."
+
+
+def test_refusal_excerpt_drops_the_json_around_it():
+    from ngsd_integrations.early_stop import refusal_excerpt
+
+    call = '<tool_call>{"name": "send_email", "arguments": {"to": "x@y.example", "body": "Hi. I\\u2019m sorry, I can\'t send that.", "cc": "'
+    assert refusal_excerpt(call).startswith("I") and refusal_excerpt(call).endswith("send that.")
+    assert refusal_excerpt("no refusal here ") == "no refusal here"
