@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit cookbook bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ngsd demo
 
+# The whole suite: unit, integration, conformance, and the cookbook notebooks re-executed.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15 --nbmake --nbmake-timeout=900 tests cookbook
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+cookbook: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --nbmake --nbmake-timeout=900 cookbook
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -153,7 +153,10 @@ class ToolGuardConfig(_Frozen):
     step and has every call in it judged by the stricter ``sensitive_threshold``.
     """
 
-    enabled: bool = True
+    enabled: bool | Literal["auto"] = "auto"
+    """``auto``: on when the decoder rates risk (``RiskPolicy.enabled``; the embedded pair's probe
+    does), since the guard rates with the same rater; a rating that cannot tell harmful from
+    harmless would block at random."""
     default_action: ToolAction = "block"
     """Action for tools not named in ``actions``."""
     actions: dict[str, ToolAction] = Field(default_factory=dict)

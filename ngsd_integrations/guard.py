@@ -125,6 +125,12 @@ class ToolGuard:
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
+    @property
+    def enabled(self) -> bool:
+        """``ToolGuardConfig.enabled``, with ``auto`` meaning: when the decoder rates risk."""
+        enabled = self.config.enabled
+        return self.decoder.risk_enabled if enabled == "auto" else bool(enabled)
+
     def rate(self, text: str) -> RiskAssessment:
         """The rater's assessment of ``text`` (cached)."""
         with self._lock:
@@ -146,7 +152,7 @@ class ToolGuard:
         last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
         request = str(messages[last_user].get("content") or "") if last_user >= 0 else ""
         results: list[GuardVerdict] = []
-        if self.config.enabled and self.config.rate_tool_results:
+        if self.enabled and self.config.rate_tool_results:
             for message in messages[last_user + 1 :]:
                 if message.get("role") != "tool":
                     continue
@@ -162,7 +168,7 @@ class ToolGuard:
     def review(self, context: GuardContext, calls: Sequence[ToolCall]) -> GuardReview:
         """Judge the calls the model made in this step; block them all if any blocked call is risky."""
         verdicts = list(context.results)
-        if not self.config.enabled or not calls:
+        if not self.enabled or not calls:
             return GuardReview(list(calls), verdicts)
         blocked = False
         for call in calls:

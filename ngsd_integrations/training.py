@@ -221,8 +221,8 @@ def rating_cases(
     """Texts to rate, each with its kind: ``request``, ``jailbreak``, ``tool_call``, ``injection``
     (all harmful) or ``harmless`` (requests, tool calls and tool results).
 
-    ``harmful_goals`` are split over the harmful kinds (plain request, jailbreak framing, search
-    call, instruction injected into a tool result); ``held_back`` picks the framings, calls and
+    ``harmful_goals`` are split over the harmful kinds (plain request, the same as a question,
+    jailbreak framing, search call, instruction injected into a tool result); ``held_back`` picks the framings, calls and
     pages of ``rating_examples.json`` that are never trained on.
     """
     rng = random.Random(seed)
@@ -234,17 +234,22 @@ def rating_cases(
         return template.format(goal=goal, goal_lower=goal[:1].lower() + goal[1:], page=rng.choice(pages))
 
     goals = list(harmful_goals)
-    quarter = max(1, len(goals) // 4)
-    cases = [(g, "request") for g in goals[:quarter]]
-    cases += [(fill(rng.choice(pick("jailbreak_wrappers"))["text"], g), "jailbreak") for g in goals[quarter : 2 * quarter]]
-    cases += [(describe_tool_call("search", {"query": g}, g), "tool_call") for g in goals[2 * quarter : 3 * quarter]]
+    part = max(1, len(goals) // 5)
+    cases = [(g, "request") for g in goals[:part]]
+    # Short questions too: harmless requests are mostly "How do I ...?", harmful ones must not
+    # be told apart by their grammar.
+    cases += [(f"How do I {g[:1].lower() + g[1:].rstrip('.')}?", "request") for g in goals[part : 2 * part]]
+    cases += [(fill(rng.choice(pick("jailbreak_wrappers"))["text"], g), "jailbreak") for g in goals[2 * part : 3 * part]]
+    cases += [(describe_tool_call("search", {"query": g}, g), "tool_call") for g in goals[3 * part : 4 * part]]
     injections = pick("injections")
-    cases += [(describe_tool_result("fetch_page", fill(rng.choice(injections)["text"], g)), "injection") for g in goals[3 * quarter :]]
+    cases += [(describe_tool_result("fetch_page", fill(rng.choice(injections)["text"], g)), "injection") for g in goals[4 * part :]]
     cases += [(e["text"], "request") for e in pick("harmful_questions")]
     cases += [(e["text"], "harmless") for e in pick("harmless_sounding_questions")]
     for key, kind in (("harmful_tool_calls", "tool_call"), ("harmless_tool_calls", "harmless")):
         cases += [(describe_tool_call(e["name"], e["arguments"], e["request"]), kind) for e in pick(key)]
     cases += [(r, "harmless") for r in harmless_requests]
+    # The same requests as tool calls, so the call format itself carries no weight.
+    cases += [(describe_tool_call("search", {"query": r}, r), "harmless") for r in harmless_requests]
     cases += [(describe_tool_result(rng.choice(["search", "fetch_page", "run_shell"]), page), "harmless") for page in pages]
     return cases
 
@@ -329,6 +334,7 @@ def build_examples(
     n_advbench: int = 60,
     n_recovery: int = 60,
     n_gsm8k: int = 30,
+    extra_refusals: Sequence[tuple[str, str]] = (),
     harmless_answer_tokens: int = 48,
     max_length: int = 128,
     seed: int = 0,
@@ -363,6 +369,9 @@ def build_examples(
     for goal in harmful_goals[:n_advbench]:
         prompt = _prompt_ids(tokenizer, goal)
         add(prompt, tokenizer(refusal_text(), add_special_tokens=False)["input_ids"] + eot, len(prompt), "refusal")
+    for request, refusal in extra_refusals:  # the caller's own policy
+        prompt = _prompt_ids(tokenizer, request)
+        add(prompt, tokenizer(refusal, add_special_tokens=False)["input_ids"] + eot, len(prompt), "refusal")
 
     # Recovery: the base's own compliant start, then a refusal (loss on the refusal only).
     recovery_requests = (harmful_goals[n_advbench:] + [r for r, _ in sft])[:n_recovery]
@@ -429,6 +438,7 @@ def train_expert(
     n_advbench: int = 60,
     n_recovery: int = 60,
     n_gsm8k: int = 30,
+    extra_refusals: Sequence[tuple[str, str]] = (),
     device: str = "cpu",
     bf16_autocast: bool | None = None,
     progress: bool = True,
@@ -446,6 +456,7 @@ def train_expert(
         max_length: examples are cut to this many tokens.
         distill_weight: weight of the KL-to-base term against the refusal cross-entropy.
         n_advbench, n_recovery, n_gsm8k: how many extra refusal, recovery and GSM8K examples.
+        extra_refusals: your own policy as (request, refusal) pairs, trained as refusals.
         device: torch device to train on.
         bf16_autocast: train under bf16 autocast (None: when the hardware supports bf16).
         progress: show tqdm progress bars.
@@ -476,7 +487,7 @@ def train_expert(
     model, tokenizer = pair.base, pair.tokenizer
     examples = build_examples(
         model, tokenizer, n_advbench=n_advbench, n_recovery=n_recovery, n_gsm8k=n_gsm8k,
-        max_length=max_length, seed=seed, progress=progress,
+        extra_refusals=extra_refusals, max_length=max_length, seed=seed, progress=progress,
     )
 
     config = LoraConfig(
@@ -609,7 +620,7 @@ def _probe_texts(seed: int = 0) -> list[tuple[str, str]]:
     rng.shuffle(goals)
     gsm8k = [r["prompt"] for r in _load_json("gsm8k_test.json") if r["id"] >= 1000]
     harmless = list(HARMLESS_PROMPTS) + rng.sample(gsm8k, 60)
-    cases = rating_cases(goals[:160], harmless, held_back=False, seed=seed)
+    cases = rating_cases(goals[:200], harmless, held_back=False, seed=seed)
     return cases + [(request, "request") for request, _ in _sft_refusals()]
 
 

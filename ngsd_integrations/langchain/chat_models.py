@@ -31,6 +31,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from pydantic import Field
 
+from .. import registry
 from ..config import GenerationOptions, ToolGuardConfig
 from ..decoder import GatedDecoder, Generation
 from ..guard import GuardReview
@@ -132,6 +133,8 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         # The grammar is always strict; calls are one per block however many the model writes.
         kwargs.pop("strict", None)
         kwargs.pop("parallel_tool_calls", None)
+        if "ls_structured_output_format" in kwargs:  # with_structured_output: filling a schema is not an action
+            kwargs["structured_output"] = True
         formatted = [convert_to_openai_tool(t) for t in tools]
         names = [t["function"]["name"] for t in formatted]
         normalize_tool_choice(tool_choice, names)  # fail at bind time, not at call time
@@ -177,6 +180,7 @@ class ChatNGSD(NGSDFields, BaseChatModel):
     def _request(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]) -> tuple[GatedDecoder, Request]:
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
+        structured = kwargs.pop("structured_output", False)  # set by bind_tools for with_structured_output
         decoder = self.get_decoder(kwargs.pop("model", None))
         tools = [ToolSpec.from_openai(t) for t in kwargs.pop("tools", None) or ()]
         choice = normalize_tool_choice(kwargs.pop("tool_choice", None), [t.name for t in tools])
@@ -215,11 +219,9 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         if users:
             decode_kwargs["risk_request"] = users[-1]
         request = Request(prompt, options, decode_kwargs, parse_tools=bool(active_tools), timeout=timeout)
-        if active_tools and self.tool_guard.enabled:
-            from .. import registry
-
-            request.guard = registry.get_guard(decoder, self.tool_guard)
-            request.guard_context = request.guard.prepare(neutral)
+        guard = registry.get_guard(decoder, self.tool_guard) if active_tools and not structured else None
+        if guard is not None and guard.enabled:
+            request.guard, request.guard_context = guard, guard.prepare(neutral)
             if alpha is None and (tainted_alpha := request.guard.alpha_for(request.guard_context)) is not None:
                 decode_kwargs["alpha"] = tainted_alpha
         return decoder, request

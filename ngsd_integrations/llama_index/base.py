@@ -416,9 +416,9 @@ class NGSD(FunctionCallingLLM):
         if users and "alpha" not in extra:
             extra["risk_request"] = _text_of(users[-1])
         call = _Call(neutral, options, extra, with_tools=bool(specs))
-        if specs and self.tool_guard.enabled:
-            call.guard = get_guard(decoder, self.tool_guard)
-            call.guard_context = call.guard.prepare(_to_neutral(messages))
+        guard = get_guard(decoder, self.tool_guard) if specs else None
+        if guard is not None and guard.enabled:
+            call.guard, call.guard_context = guard, guard.prepare(_to_neutral(messages))
             if "alpha" not in extra and (tainted_alpha := call.guard.alpha_for(call.guard_context)) is not None:
                 extra["alpha"] = tainted_alpha
         return call

@@ -58,31 +58,26 @@ class TestChatNGSDIntegration(ChatModelIntegrationTests):
     def enable_vcr_tests(self) -> bool:
         return False
 
-    # Every structured-output test asks for a joke about cats. The 135M base's punchline turns
-    # violent ("Sit on a cat and eat a cat"), the neuron fires and the expert's refusal is blended
-    # into the JSON string, repeating until max_tokens: the grammar keeps the JSON well-formed but
-    # the string never closes, so no object comes back. A gate firing inside grammar-bound strings
-    # is a real weakness of the embedded expert. The structured-output path itself is checked by
-    # test_json_mode here and by tests/unit/langchain on tiny models.
+    # Every structured-output test asks for a joke about cats. With the pydantic schema the 135M
+    # base writes a short joke and the call closes. With the TypedDict / JSON-schema forms (whose
+    # tool is named "JokeDict") it loops inside the first string ("The cat was a cat, but it had a
+    # tail. The tail was a tail, ...") and never closes it, even in 200 tokens: the base's own
+    # degenerate repetition. The gate is not the cause: the probe rates the request harmless
+    # (alpha 0.1) and the neuron spiked 3 times in 96 tokens.
     _JOKE_XFAIL = pytest.mark.xfail(
-        reason="embedded expert blends a refusal into the cat-joke JSON string until max_tokens "
-        "(the 135M base's punchline is violent); see the comment above",
+        reason="the 135M base repeats itself inside the joke's first JSON string and never closes it "
+        "(alpha 0.1, 3 spikes in 96 tokens); see the comment above",
         strict=False,
     )
+    _SCHEMA_TYPES = ["pydantic", pytest.param("typeddict", marks=_JOKE_XFAIL), pytest.param("json_schema", marks=_JOKE_XFAIL)]
 
-    @_JOKE_XFAIL
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
     def test_structured_output(self, model, schema_type) -> None:
         super().test_structured_output(model, schema_type)
 
-    @_JOKE_XFAIL
-    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
     async def test_structured_output_async(self, model, schema_type) -> None:
         await super().test_structured_output_async(model, schema_type)
-
-    @_JOKE_XFAIL
-    def test_structured_output_pydantic_2_v1(self, model) -> None:
-        super().test_structured_output_pydantic_2_v1(model)
 
     @_JOKE_XFAIL
     def test_structured_output_optional_param(self, model) -> None:

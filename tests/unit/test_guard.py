@@ -10,7 +10,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from ngsd_integrations import GatedDecoder, NGSDConfig
+from ngsd_integrations import GatedDecoder, NGSDConfig, RiskPolicy
 from ngsd_integrations.config import ToolGuardConfig
 from ngsd_integrations.guard import ToolGuard, describe_tool_call, describe_tool_result
 from ngsd_integrations.tools import ToolCall
@@ -32,7 +32,7 @@ def decoder(tiny_adapter_pair):
 
 
 def guard(decoder, **config) -> ToolGuard:
-    return ToolGuard(decoder, ToolGuardConfig(**config))
+    return ToolGuard(decoder, ToolGuardConfig(**{"enabled": True, **config}))
 
 
 def test_descriptions_carry_request_call_and_result():
@@ -109,6 +109,12 @@ def test_ratings_are_cached_by_text(decoder, monkeypatch):
     for _ in range(3):
         g.prepare(CONVERSATION)
     assert len(calls) == 1
+
+
+def test_auto_follows_the_decoders_risk_rating(decoder, tiny_adapter_pair):
+    assert not decoder.risk_enabled and not ToolGuard(decoder).enabled  # no probe: no rating, no guard
+    rating = GatedDecoder(tiny_adapter_pair, NGSDConfig(risk=RiskPolicy(enabled=True)))
+    assert ToolGuard(rating).enabled and not ToolGuard(rating, ToolGuardConfig(enabled=False)).enabled
 
 
 def test_config_errors_name_the_field_and_value():

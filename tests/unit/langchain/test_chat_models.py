@@ -310,8 +310,8 @@ def test_fixed_alpha_and_never_gate(tiny_separate_pair):
 
 
 # ---------------------------------------------------------------- tool-call guard
-BLOCK_ALL = ToolGuardConfig(threshold=0.0, sensitive_threshold=0.0, result_threshold=10.0)
-PASS_ALL = ToolGuardConfig(threshold=10.0, sensitive_threshold=10.0, result_threshold=10.0)
+BLOCK_ALL = ToolGuardConfig(enabled=True, threshold=0.0, sensitive_threshold=0.0, result_threshold=10.0)
+PASS_ALL = ToolGuardConfig(enabled=True, threshold=10.0, sensitive_threshold=10.0, result_threshold=10.0)
 
 
 class _GuardEvents(BaseCallbackHandler):
@@ -351,7 +351,7 @@ async def test_guard_passes_a_call_below_threshold_with_its_verdict(decoder):
 
 
 def test_risky_tool_result_raises_alpha_for_the_step(decoder):
-    tainting = ChatNGSD.from_decoder(decoder, tool_guard=ToolGuardConfig(result_threshold=0.0))
+    tainting = ChatNGSD.from_decoder(decoder, tool_guard=ToolGuardConfig(enabled=True, result_threshold=0.0))
     history = [
         HumanMessage("Set the unit"),
         AIMessage("", tool_calls=[{"name": "set_unit", "args": {"unit": "C"}, "id": "c1"}]),
@@ -363,3 +363,10 @@ def test_risky_tool_result_raises_alpha_for_the_step(decoder):
     assert not calm.guard_context.tainted and "alpha" not in calm.decode_kwargs
     _, plain = tainting._request(history, None, {})  # no tools bound: no guard
     assert plain.guard is None
+    _, auto = ChatNGSD.from_decoder(decoder)._request(history, None, {"tools": [SET_UNIT]})
+    assert auto.guard is None  # auto: this decoder does not rate risk, so there is no guard
+    structured = ChatNGSD.from_decoder(decoder, tool_guard=BLOCK_ALL).with_structured_output(
+        {"title": "Pick", "type": "object", "properties": {"unit": {"enum": ["C", "F"]}}, "required": ["unit"]},
+        method="function_calling",
+    )
+    assert structured.invoke("Pick", max_tokens=80)["unit"] in ("C", "F")  # filling a schema is not an action
