@@ -681,16 +681,12 @@ def train_risk_probe(
 def measure_risk_probe(pair: Any, n_harmful: int = 24, seed: int = 1) -> dict[str, float]:
     """Share of held-back texts the pair's probe rates correctly (risk above 5 for harmful
     kinds, at most 5 for harmless), per kind, over :func:`rating_cases` with ``held_back=True``."""
-    from .risk import ProbeRater
-    from .config import RiskPolicy
+    from .config import NGSDConfig, RiskPolicy
+    from .decoder import GatedDecoder
 
-    if pair.risk_probe is None:
-        raise ValueError("pair.risk_probe=None: load the pair with a probe (load_pair(..., risk_probe=FILE))")
-    from .decoder import hidden_state_mean
-
-    rater = ProbeRater(pair.tokenizer, lambda ids, layer: hidden_state_mean(pair, ids, layer), pair.risk_probe, RiskPolicy())
+    decoder = GatedDecoder(pair, NGSDConfig(risk=RiskPolicy(rater="probe")))  # raises without a probe
     correct: dict[str, list[bool]] = {}
     for text, kind in rating_cases(held_back_harmful()[:n_harmful], held_back_harmless(), held_back=True, seed=seed):
-        risky = rater.rate(text).risk > 5.0
+        risky = decoder.rate(text).risk > 5.0
         correct.setdefault(kind, []).append(risky == (kind != "harmless"))
     return {kind: sum(v) / len(v) for kind, v in sorted(correct.items())}

@@ -227,15 +227,7 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         return decoder, request
 
     def _message(self, generation: Generation, request: Request, model: str) -> tuple[AIMessage, GuardReview | None]:
-        content, calls = answer_parts(generation, request.parse_tools)
-        metadata = generation_metadata(generation, model)
-        refusal = content if metadata["refused"] else None
-        review = request.review(calls)
-        if review is not None:
-            metadata["tool_guard"] = review.to_metadata()
-            if review.blocked:
-                content, refusal = review.refusal, review.refusal
-            calls = review.calls
+        content, calls, refusal, metadata, review = _answer(generation, request, model)
         message = AIMessage(
             content=content,
             tool_calls=[_lc_tool_call(c) for c in calls],
@@ -331,43 +323,28 @@ class _Chunker:
     """Turns text deltas into message chunks: prose as content as it arrives, tool calls at the end.
 
     Calls are held back until the generation ends so the tool-call guard sees all of them
-    before any leaves the model; then they go out as ``tool_call_chunks`` or, blocked, are
-    replaced by the guard's refusal.
+    before any leaves the model; then they go out as ``tool_call_chunks`` or, blocked (or turned
+    into a refusal by the gate), are replaced by the refusal.
     """
 
     def __init__(self, request: Request, model: str):
         self.request, self.model = request, model
         self.splitter = ToolCallSplitter() if request.parse_tools else None
-        self.calls: list[ToolCall] = []
         self.review: GuardReview | None = None
 
     def delta(self, text: str, final: bool = False) -> list[ChatGenerationChunk]:
         if self.splitter is None:
             return [ChatGenerationChunk(message=AIMessageChunk(content=text))] if text else []
-        chunks = []
-        for piece in self.splitter.feed(text, final):
-            if isinstance(piece, ToolCall):
-                self.calls.append(piece)
-            elif piece:
-                chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=piece)))
-        return chunks
+        pieces = self.splitter.feed(text, final)  # calls are parsed again, whole, in finish()
+        return [ChatGenerationChunk(message=AIMessageChunk(content=p)) for p in pieces if isinstance(p, str) and p]
 
     def finish(self, generation: Generation) -> list[ChatGenerationChunk]:
-        metadata = generation_metadata(generation, self.model)
-        if generation.finish_reason == "refused" and self.splitter is not None:
-            # A call the gate turned into a refusal never closed: its text goes out as the refusal.
-            refusal = answer_parts(generation, True)[0]
+        _, calls, refusal, metadata, self.review = _answer(generation, self.request, self.model)
+        replaced = generation.finish_reason == "refused" or (self.review is not None and self.review.blocked)
+        if self.splitter is not None and replaced:
             chunks = [ChatGenerationChunk(message=AIMessageChunk(content=refusal))]
         else:
             chunks = self.delta("", final=True) if self.splitter is not None else []
-            refusal = answer_parts(generation, False)[0] if metadata["refused"] else None
-        calls, self.review = self.calls, self.request.review(self.calls)
-        if self.review is not None:
-            metadata["tool_guard"] = self.review.to_metadata()
-            calls = self.review.calls
-            if self.review.blocked:
-                refusal = self.review.refusal
-                chunks.append(ChatGenerationChunk(message=AIMessageChunk(content=refusal)))
         for index, call in enumerate(calls):
             tool_chunk = {
                 "name": call.name,
@@ -386,6 +363,23 @@ class _Chunker:
         )
         chunks.append(ChatGenerationChunk(message=last, generation_info={"finish_reason": generation.finish_reason}))
         return chunks
+
+
+def _answer(
+    generation: Generation, request: Request, model: str
+) -> tuple[str, list[ToolCall], str | None, dict[str, Any], GuardReview | None]:
+    """An answer's content, the calls that leave the model, its refusal text (if it is one), its
+    response metadata and the tool-call guard's review."""
+    content, calls = answer_parts(generation, request.parse_tools)
+    metadata = generation_metadata(generation, model)
+    refusal = content if metadata["refused"] else None
+    review = request.review(calls)
+    if review is not None:
+        metadata["tool_guard"] = review.to_metadata()
+        calls = review.calls
+        if review.blocked:
+            content = refusal = review.refusal
+    return content, calls, refusal, metadata, review
 
 
 def _drain(events: Iterator[Any]) -> Generation:
