@@ -69,13 +69,15 @@ class TestChatNGSDIntegration(ChatModelIntegrationTests):
         "(alpha 0.1, 3 spikes in 96 tokens); see the comment above",
         strict=False,
     )
-    _SCHEMA_TYPES = ["pydantic", pytest.param("typeddict", marks=_JOKE_XFAIL), pytest.param("json_schema", marks=_JOKE_XFAIL)]
-
-    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
+    # The suite accepts overrides only when the whole method is marked xfail, so the pydantic
+    # parametrisations, which pass, report as XPASS (strict=False).
+    @_JOKE_XFAIL
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
     def test_structured_output(self, model, schema_type) -> None:
         super().test_structured_output(model, schema_type)
 
-    @pytest.mark.parametrize("schema_type", _SCHEMA_TYPES)
+    @_JOKE_XFAIL
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
     async def test_structured_output_async(self, model, schema_type) -> None:
         await super().test_structured_output_async(model, schema_type)
 
