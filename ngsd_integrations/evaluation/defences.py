@@ -8,7 +8,8 @@
 ``safedecoding``   SafeDecoding's original rule with the same expert: alpha 3 on the first
                    2 tokens, sample space = common top-k (k from 10, at least 5 tokens)
 ``ngsd``           neuron-gated decoding with a fixed alpha (default 0.9), no risk rating
-``ngsd-risk``      neuron-gated decoding with the self-instinct risk rating choosing alpha
+``ngsd-risk``      neuron-gated decoding with the risk rating choosing alpha (the pair's
+                   risk probe when it has one, else the self-instinct rating prompt)
 =================  ==========================================================================
 """
 
