@@ -171,15 +171,15 @@ def train_probe_command(args: argparse.Namespace) -> int:
     from .training import measure_risk_probe, train_risk_probe
 
     if args.output is None:
-        path = default_probe_path(default_pair())
+        pair = default_pair()  # trained on first use, then loaded with its probe
+        path = default_probe_path(pair)
     else:
         started = time.monotonic()
         pair = load_pair(args.base or embedded_base_path())
         path = train_risk_probe(pair, args.output, layer=args.layer)
         print(f"trained in {time.monotonic() - started:.0f} s -> {path}")
-    if args.measure:
-        pair = load_pair(args.base or embedded_base_path())
         pair.risk_probe = RiskProbe.load(path)
+    if args.measure:
         print(json.dumps(measure_risk_probe(pair), indent=2))
     else:
         print(path)

@@ -257,6 +257,15 @@ class GatedDecoder:
             return self._rater
 
 
+def drain(events: Generator[TokenEvent, None, Generation]) -> Generation:
+    """Run a ``stream()``-style generator to its end and return the Generation it returns."""
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            return done.value
+
+
 def end_and_pad_ids(pair: ModelPair) -> tuple[frozenset[int], int]:
     """The token ids that end an answer (generation config and tokenizer) and the padding id."""
     eos = pair.base.generation_config.eos_token_id if pair.base.generation_config else None
@@ -364,8 +373,7 @@ class _Row:
         if self.grammar is not None and self.grammar.finished:
             self.finish_reason = "stop"
             return self._flush()
-        tail = self.text[-_REFUSAL_TAIL:]
-        if self.grammar is not None and self.trace.spike_count and ends_sentence(tail) and contains_refusal(tail):
+        if self.grammar is not None and self._gate_refused():
             # The gate turned grammar-bound output into a refusal: the grammar would keep it
             # inside an unclosed string until max_new_tokens, so end it with the sentence.
             self.finish_reason = "refused"
@@ -378,6 +386,11 @@ class _Row:
         visible = len(self.text) - self._held_back()
         delta, self.emitted = self.text[self.emitted : visible], max(self.emitted, visible)
         return delta
+
+    def _gate_refused(self) -> bool:
+        # Cheapest test first: most tokens end no sentence; the spike count sums the whole trace.
+        tail = self.text[-_REFUSAL_TAIL:]
+        return ends_sentence(tail) and contains_refusal(tail) and self.trace.spike_count > 0
 
     def _held_back(self) -> int:
         # Keep back a tail that may still become a stop string, or half of a multi-byte character.

@@ -24,9 +24,13 @@ import secrets
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from .constraints import GrammarConstraint
+from .early_stop import refusal_excerpt
+
+if TYPE_CHECKING:
+    from .decoder import Generation
 
 __all__ = [
     "TOOL_CALL_CLOSE",
@@ -35,6 +39,7 @@ __all__ = [
     "TOOL_RESPONSE_OPEN",
     "ToolCall",
     "ToolSpec",
+    "answer_parts",
     "parse_tool_calls",
     "prepare_messages",
     "structured_output_constraint",
@@ -423,6 +428,13 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     if calls:
         content = re.sub(r"\n{3,}", "\n\n", content).strip()
     return content, calls
+
+
+def answer_parts(generation: Generation, parse_tools: bool) -> tuple[str, list[ToolCall]]:
+    """An answer's prose and tool calls; grammar-bound output the gate refused becomes the refusal."""
+    if generation.finish_reason == "refused":
+        return refusal_excerpt(generation.text), []
+    return parse_tool_calls(generation.text) if parse_tools else (generation.text, [])
 
 
 def iter_tool_specs(tools: Iterable[Any]) -> list[ToolSpec]:

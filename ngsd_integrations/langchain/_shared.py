@@ -18,7 +18,7 @@ from typing_extensions import Self
 
 from ..config import GenerationOptions, NGSDConfig
 from ..decoder import GatedDecoder, Generation, TokenEvent
-from ..early_stop import contains_refusal, refusal_excerpt
+from ..early_stop import contains_refusal
 from ..guard import GuardContext, GuardReview, ToolGuard
 from ..models import EMBEDDED_BASE_NAME
 from ..tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
@@ -270,13 +270,6 @@ def looks_refused(generation: Generation) -> bool:
     if calls or prose.lstrip().startswith(("{", "[")):
         return False
     return contains_refusal(prose[:300])
-
-
-def answer_parts(generation: Generation, parse_tools: bool) -> tuple[str, list[ToolCall]]:
-    """An answer's prose and tool calls; grammar-bound output the gate refused becomes the refusal."""
-    if generation.finish_reason == "refused":
-        return refusal_excerpt(generation.text), []
-    return parse_tool_calls(generation.text) if parse_tools else (generation.text, [])
 
 
 def generation_metadata(generation: Generation, model_name: str) -> dict[str, Any]:

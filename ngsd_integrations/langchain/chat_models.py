@@ -33,11 +33,12 @@ from pydantic import Field
 
 from .. import registry
 from ..config import GenerationOptions, ToolGuardConfig
-from ..decoder import GatedDecoder, Generation
+from ..decoder import GatedDecoder, Generation, drain
 from ..guard import GuardReview
 from ..tools import (
     ToolCall,
     ToolSpec,
+    answer_parts,
     prepare_messages,
     structured_output_constraint,
     tool_call_constraint,
@@ -48,7 +49,6 @@ from ._shared import (
     Request,
     ToolCallSplitter,
     adispatch_guard_event,
-    answer_parts,
     astream_generation,
     dispatch_guard_event,
     generation_metadata,
@@ -251,7 +251,7 @@ class ChatNGSD(NGSDFields, BaseChatModel):
         model = kwargs.get("model") or self.model
         decoder, request = self._request(messages, stop, kwargs)
         events = stream_generation(decoder, request, threading.Event())
-        generation = _drain(events)
+        generation = drain(events)
         message, review = self._message(generation, request, model)
         dispatch_guard_event(run_manager, review)
         return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": model})
@@ -380,14 +380,6 @@ def _answer(
         if review.blocked:
             content = refusal = review.refusal
     return content, calls, refusal, metadata, review
-
-
-def _drain(events: Iterator[Any]) -> Generation:
-    while True:
-        try:
-            next(events)
-        except StopIteration as done:
-            return done.value
 
 
 def _result_from_chunks(chunks: list[ChatGenerationChunk]) -> ChatResult:

@@ -12,7 +12,7 @@ from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 
 from ..config import GenerationOptions
-from ..decoder import Generation
+from ..decoder import Generation, drain
 from ._shared import NGSDFields, Request, astream_generation, generation_metadata, stream_generation
 
 __all__ = ["NGSDLLM"]
@@ -89,7 +89,7 @@ class NGSDLLM(NGSDFields, BaseLLM):
                 generations.append([LCGeneration(text=text, generation_info=info)])
                 continue
             events = stream_generation(self.get_decoder(), self._request(prompt, stop, kwargs), threading.Event())
-            generation = _drain(events)
+            generation = drain(events)
             generations.append([LCGeneration(text=generation.text, generation_info=self._info(generation))])
         return LLMResult(generations=generations, llm_output={"model_name": self.model})
 
@@ -149,11 +149,3 @@ class NGSDLLM(NGSDFields, BaseLLM):
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
-
-
-def _drain(events: Iterator[Any]) -> Generation:
-    while True:
-        try:
-            next(events)
-        except StopIteration as done:
-            return done.value

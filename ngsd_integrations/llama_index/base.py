@@ -39,11 +39,10 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from ..config import GenerationOptions, NGSDConfig, ToolGuardConfig
-from ..decoder import GatedDecoder, Generation, TokenEvent
-from ..early_stop import refusal_excerpt
+from ..decoder import GatedDecoder, Generation, TokenEvent, drain
 from ..guard import GuardContext, GuardReview, ToolGuard
 from ..registry import get_decoder, get_guard
-from ..tools import TOOL_CALL_OPEN, ToolCall, ToolSpec, parse_tool_calls, prepare_messages, tool_call_constraint
+from ..tools import TOOL_CALL_OPEN, ToolCall, ToolSpec, answer_parts, prepare_messages, tool_call_constraint
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -90,12 +89,8 @@ class _Call:
 
     def answer(self, generation: Generation) -> tuple[str, list[ToolCall], Optional[GuardReview]]:
         """The answer's text and the calls that leave the model, after the tool-call guard."""
-        if generation.finish_reason == "refused":  # grammar-bound output the gate turned into a refusal
-            content, calls = refusal_excerpt(generation.text), []
-        elif not self.with_tools:
-            return generation.text, [], None
-        else:
-            content, calls = parse_tool_calls(generation.text)
+        content, calls = answer_parts(generation, self.with_tools)
+        if self.with_tools:
             content = content.strip()
         if self.guard is None or self.guard_context is None:
             return content, calls, None
@@ -200,7 +195,7 @@ class NGSD(FunctionCallingLLM):
         """Complete a prompt; it is rendered with the chat template as one user turn (like ``chat``)
         unless ``formatted=True``, which sends it verbatim."""
         call = self._completion_call(prompt, formatted, kwargs)
-        generation = _drain(self._iterate(call, None))
+        generation = drain(self._iterate(call, None))
         return CompletionResponse(text=generation.text, raw=_raw(generation))
 
     @llm_completion_callback()
@@ -246,7 +241,7 @@ class NGSD(FunctionCallingLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._chat_call(messages, kwargs)
-        generation = _drain(self._iterate(call, None))
+        generation = drain(self._iterate(call, None))
         return _chat_response(generation, call)
 
     @llm_chat_callback()
@@ -471,14 +466,6 @@ class NGSD(FunctionCallingLLM):
 
 
 # ---------------------------------------------------------------------- helpers
-def _drain(events: Generator[TokenEvent, None, Generation]) -> Generation:
-    while True:
-        try:
-            next(events)
-        except StopIteration as done:
-            return done.value
-
-
 def _raw(generation: Generation, review: Optional[GuardReview] = None) -> dict[str, Any]:
     """What LlamaIndex token counting reads (``usage``), the safety trace summary, the guard's review."""
     raw = {
