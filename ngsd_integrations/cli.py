@@ -146,13 +146,14 @@ def train_expert_command(args: argparse.Namespace) -> int:
     from .models import default_expert_path, embedded_base_path
     from .training import train_expert
 
-    if args.output is None:
-        print(default_expert_path(progress=True))
-        return 0
-    started = time.monotonic()
-    base = args.base or embedded_base_path()
-    path = train_expert(base, args.output, epochs=args.epochs, seed=args.seed)
-    print(f"trained in {time.monotonic() - started:.0f} s -> {path}")
+    if args.output is None:  # the default expert belongs to the embedded base
+        base, path = embedded_base_path(), default_expert_path(progress=True)
+        print(path)
+    else:
+        started = time.monotonic()
+        base = args.base or embedded_base_path()
+        path = train_expert(base, args.output, epochs=args.epochs, seed=args.seed)
+        print(f"trained in {time.monotonic() - started:.0f} s -> {path}")
     if args.measure:
         import json
 

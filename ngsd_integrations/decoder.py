@@ -388,9 +388,9 @@ class _Row:
         return delta
 
     def _gate_refused(self) -> bool:
-        # Cheapest test first: most tokens end no sentence; the spike count sums the whole trace.
+        # Cheapest test first: most tokens end no sentence.
         tail = self.text[-_REFUSAL_TAIL:]
-        return ends_sentence(tail) and contains_refusal(tail) and self.trace.spike_count > 0
+        return ends_sentence(tail) and contains_refusal(tail) and any(self.trace.spikes)
 
     def _held_back(self) -> int:
         # Keep back a tail that may still become a stop string, or half of a multi-byte character.

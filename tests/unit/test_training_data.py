@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import random
-from importlib import resources
 
-from ngsd_integrations.training import _FRAMINGS, _framed_requests, _probe_texts, held_back_harmful
-
-
-def _bundled(name: str):
-    return json.loads(resources.files("ngsd_integrations.data").joinpath(name).read_text("utf-8"))
+from ngsd_integrations.training import _FRAMINGS, _fill, _framed_requests, _load_json, _probe_texts, held_back_harmful
 
 
 def test_framed_requests_wrap_each_task_in_a_training_framing() -> None:
@@ -18,7 +12,7 @@ def test_framed_requests_wrap_each_task_in_a_training_framing() -> None:
     requests = _framed_requests(tasks * 20, random.Random(0))
     assert len(requests) == 40
     assert all("paper kite" in r or "pick a bike lock" in r for r in requests)
-    held_back = [e["text"].split("{")[0] for e in _bundled("rating_examples.json")["jailbreak_wrappers"] if e["held_back"]]
+    held_back = [e["text"].split("{")[0] for e in _load_json("rating_examples.json")["jailbreak_wrappers"] if e["held_back"]]
     assert not any(r.startswith(prefix) for r in requests for prefix in held_back if prefix)
     # Both sources are used: the written story framings and the probe's training wrappers.
     story_starts = {f.split("{")[0] for f in _FRAMINGS}
@@ -28,17 +22,17 @@ def test_framed_requests_wrap_each_task_in_a_training_framing() -> None:
 
 def test_framings_are_not_the_evaluation_attack_templates() -> None:
     for attack in ("attack_autodan.json", "attack_deepinception.json"):
-        for row in _bundled(attack):
+        for row in _load_json(attack):
             template_start = row["prompt"][:40]
-            assert not any(f.format(task="x")[:40] == template_start for f in _FRAMINGS)
+            assert not any(_fill(f, "x")[:40] == template_start for f in _FRAMINGS)
 
 
 def test_probe_training_texts_exclude_evaluated_and_held_back_prompts() -> None:
     texts = {text for text, _ in _probe_texts()}
-    xstest = {row["prompt"] for row in _bundled("xstest.json")}
-    subset50 = {row["goal"] for row in _bundled("advbench_subset50.json")}
+    xstest = {row["prompt"] for row in _load_json("xstest.json")}
+    subset50 = {row["goal"] for row in _load_json("advbench_subset50.json")}
     held_back = {e["text"] for key in ("harmful_questions", "harmless_sounding_questions")
-                 for e in _bundled("rating_examples.json")[key] if e["held_back"]}
+                 for e in _load_json("rating_examples.json")[key] if e["held_back"]}
     assert not texts & xstest
     assert not texts & subset50
     assert not texts & held_back
